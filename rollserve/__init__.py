@@ -1,0 +1,12 @@
+"""rollserve: the rollout engine for RL post-training of language models."""
+
+from .config import EngineConfig
+from .llm import LLM
+from .model_loader import gguf_to_hf, smollm2_135m_instruct
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput", "gguf_to_hf",
+           "smollm2_135m_instruct", "__version__"]

@@ -1,0 +1,1 @@
+"""The generation engine: scheduler, block manager, model runner, sampler."""

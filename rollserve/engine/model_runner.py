@@ -1,0 +1,118 @@
+"""Packs a scheduled batch into one varlen row, runs the HF module, returns logits."""
+
+from contextlib import contextmanager
+
+import torch
+
+from .attention import ATTENTION_NAME, PagedAttentionMetadata, PagedKVCache, PrefillChunk, register
+from .scheduler import SchedulerOutput
+
+
+def kv_cache_geometry(config) -> tuple[int, int, int]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    return text.num_hidden_layers, num_kv_heads, head_dim
+
+
+@contextmanager
+def _paged_attention(configs: list):
+    """Route the model's attention through the paged function for one forward; the trainer's setting is restored."""
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = ATTENTION_NAME
+        yield
+    finally:
+        for c, impl in zip(configs, saved):
+            c._attn_implementation = impl
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        register()
+        self.model = model
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        num_layers, num_kv_heads, head_dim = kv_cache_geometry(model.config)
+        self.kv_cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
+
+    @staticmethod
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+        num_layers, num_kv_heads, head_dim = kv_cache_geometry(config)
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, batch: SchedulerOutput):
+        """Returns (input_ids, positions, metadata, logits_rows, order) for `batch`.
+
+        `order` lists the scheduled sequences in packed order (decodes first);
+        `logits_rows[i]` is the packed token whose logits sequence `order[i]`
+        needs, or -1 when it is mid-prefill.
+        """
+        dev = self.device
+        pairs = list(zip(batch.seqs, batch.num_new_tokens))
+        decodes = [(s, n) for s, n in pairs if n == 1]
+        prefills = [(s, n) for s, n in pairs if n > 1]
+        ids, pos, slots, rows, chunks = [], [], [], [], []
+        for seq, _ in decodes:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.extend(self._slots(seq.block_table, p, p + 1))
+            rows.append(len(ids) - 1 if p + 1 == seq.num_tokens else -1)
+        for seq, n in prefills:
+            start, p = len(ids), seq.num_computed_tokens
+            ids.extend(seq.token_ids[p:p + n])
+            pos.extend(range(p, p + n))
+            slots.extend(self._slots(seq.block_table, p, p + n))
+            table = None if p == 0 else torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+            chunks.append(PrefillChunk(start, len(ids), p + n, table))
+            rows.append(len(ids) - 1 if p + n == seq.num_tokens else -1)
+        block_tables = context_lens = None
+        if decodes:
+            width = max(len(s.block_table) for s, _ in decodes)
+            block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes],
+                                        dtype=torch.long, device=dev)
+            context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
+        meta = PagedAttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decodes),
+            decode_block_tables=block_tables,
+            decode_context_lens=context_lens,
+            prefills=chunks,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        order = [s for s, _ in decodes] + [s for s, _ in prefills]
+        return input_ids, positions, meta, rows, order
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, meta, logits_rows: list[int]) -> torch.Tensor:
+        """One packed forward; returns float32 logits [len(kept rows), vocab] for rows >= 0."""
+        keep = torch.tensor([r for r in logits_rows if r >= 0], dtype=torch.long, device=self.device)
+        with _paged_attention(self._attn_configs):
+            out = self.model(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                rollserve_meta=meta,
+                logits_to_keep=keep,
+                use_cache=False,
+            )
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def run(self, batch: SchedulerOutput):
+        if batch.block_copies:
+            src, dst = zip(*batch.block_copies)
+            self.kv_cache.copy_blocks(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
+        input_ids, positions, meta, rows, order = self.prepare(batch)
+        return self.forward(input_ids, positions, meta, rows), rows, order

@@ -1,0 +1,132 @@
+"""Continuous batching under a token budget, chunked prefill, preemption by recompute.
+
+Plain Python, no torch. Each step, running sequences are served first (a
+decode token each, or the next chunk of their prefill); when blocks run out,
+the most recently admitted sequence is preempted (its blocks freed, to be
+recomputed later). Waiting sequences are admitted with what budget remains.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new_tokens: int, copies: list[tuple[int, int]]) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+        self.block_copies.extend(copies)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which were found
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(out, budget)
+        budget -= sum(out.num_new_tokens)
+        if not preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
+        queue, kept, preempted = deque(self.running), [], False
+        while queue:
+            seq = queue.popleft()
+            kept.append(seq)
+            if budget == 0:
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_new):
+                preempted = True
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    kept.pop()
+                    self._preempt(seq)
+                    seq = None
+                    break
+            if seq is None:
+                break
+            out.add(seq, num_new, self.block_manager.append_slots(seq, num_new))
+            budget -= num_new
+        self.running = kept
+        return preempted
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        num_seqs = sum(s.num_samples for s in self.running)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if num_seqs and num_seqs + seq.num_samples > self.max_num_seqs:
+                break
+            cached = self.block_manager.attach_cached_prefix(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_append(seq, num_new):
+                self.block_manager.free_blocks(seq)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            self.stats.prefix_cache_queries += seq.num_tokens
+            self.stats.prefix_cache_hits += cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            num_seqs += seq.num_samples
+            out.add(seq, num_new, self.block_manager.append_slots(seq, num_new))
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.stats.num_preemptions += 1
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Put `children` (forked from `parent`, which stays) right after it in the running order."""
+        for child in children:
+            self.block_manager.fork(child)
+        i = self.running.index(parent)
+        self.running[i + 1:i + 1] = children
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free_blocks(seq)
+        self.running.remove(seq)
+
+    def abort_all(self) -> list[Sequence]:
+        seqs = list(self.running) + list(self.waiting)
+        for seq in self.running:
+            self.block_manager.free_blocks(seq)
+        self.running, self.waiting = [], deque()
+        return seqs

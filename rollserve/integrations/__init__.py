@@ -1,0 +1,1 @@
+"""Adapters into RL training loops (TRL, DeepSpeed, Ray)."""

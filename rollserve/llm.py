@@ -1,0 +1,179 @@
+"""`LLM`: the in-process engine users call."""
+
+from itertools import count
+import time
+
+from .config import EngineConfig, resolve_dtype
+from .engine.llm_engine import LLMEngine
+from .model_loader import load_model
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+class LLM:
+    """A paged, continuously batched generation engine over a `transformers` causal LM.
+
+    `model` is an HF folder, a `.gguf` file (converted once to a cached HF
+    folder) or a live `PreTrainedModel` (the trainer's own module, used in
+    place unless `dtype` asks for another). `kv_cache_memory` is in bytes.
+    """
+
+    def __init__(self, model, tokenizer=None, dtype="auto", block_size: int = 16,
+                 kv_cache_memory: int = EngineConfig.kv_cache_memory, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None, seed: int = 0):
+        config = EngineConfig(block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
+                              enable_prefix_caching, max_model_len, seed)
+        self.model, tokenizer_source = load_model(model, resolve_dtype(dtype))
+        self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_source)
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if config.max_model_len is not None and limit is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings={limit}")
+        self.max_model_len = config.max_model_len or limit or 2048
+        self.engine = LLMEngine(self.model, config, _eos_ids(self.model, self.tokenizer), self.max_model_len,
+                                self._detokenize)
+        self._request_ids = count()
+
+    @staticmethod
+    def _load_tokenizer(tokenizer, source):
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            return tokenizer
+        if tokenizer is None and source is None:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer or source)
+
+    def _detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix block (blocks in use stay valid)."""
+        self.engine.reset_prefix_cache()
+
+    # -- inputs -------------------------------------------------------------
+    def _normalize_prompts(self, prompts) -> list:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+        return list(prompts)
+
+    def _encode(self, i: int, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string but the engine has no tokenizer; pass token ids")
+            if not prompt:
+                raise ValueError(f"prompts[{i}] is empty")
+            return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
+        return None, list(prompt)
+
+    def _validate(self, i: int, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompts[{i}] has {len(token_ids)} tokens; the model's context is {self.max_model_len} "
+                             f"(prompt + at least one generated token must fit)")
+        need = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if need > self.engine.max_tokens_per_seq:
+            raise ValueError(f"prompts[{i}]: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} need "
+                             f"{need} KV slots but the cache holds {self.engine.max_tokens_per_seq}; "
+                             f"raise kv_cache_memory or lower max_tokens")
+
+    # -- generation ---------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates completions for each prompt; returns one `RequestOutput` per prompt, in prompt order.
+
+        Every prompt is checked before any is queued: a bad one raises `ValueError` and nothing runs.
+        """
+        prompts = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        for i, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
+        for i, ((_, ids), p) in enumerate(zip(encoded, params)):
+            self._validate(i, ids, p)
+        ids = []
+        for (text, token_ids), p in zip(encoded, params):
+            rid = str(next(self._request_ids))
+            self.engine.add_request(rid, token_ids, p, prompt=text)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
+        start, tokens0 = time.perf_counter(), self.engine.stats.num_generated_tokens
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+                if bar is not None:
+                    rate = (self.engine.stats.num_generated_tokens - tokens0) / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        except BaseException:
+            self.engine.abort_all()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in request_ids]
+
+    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation (a list of messages) and generates."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
+                raise ValueError(f"conversations[{i}] must be a non-empty list of message dicts")
+            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
+                                                      **(chat_template_kwargs or {}))
+            prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, prompt_ids in zip(outputs, prompts):
+            out.prompt = self.tokenizer.decode(prompt_ids)
+        return outputs

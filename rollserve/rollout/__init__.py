@@ -1,0 +1,1 @@
+"""Rollout API, dataset generation and server (built on `rollserve.LLM`)."""

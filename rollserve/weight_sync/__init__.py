@@ -1,0 +1,1 @@
+"""Getting trainer weights into the engine."""
