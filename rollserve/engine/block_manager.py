@@ -2,7 +2,8 @@
 
 Plain Python, no torch: the model runner turns block tables into tensors.
 A full block is findable by `hash((previous block's hash, its token ids))`;
-its token ids are kept to rule out hash collisions. Freed blocks stay
+its token ids and its predecessor's block id are kept and compared on
+lookup, so a hit verifies the whole prefix, not just the hash. Freed blocks stay
 findable until their slot is needed again (lazy, least-recently-freed first).
 """
 
@@ -10,13 +11,14 @@ from collections import OrderedDict
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "prev_block")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
         self.token_ids: tuple[int, ...] | None = None
+        self.prev_block: int | None = None
 
 
 class BlockManager:
@@ -52,13 +54,14 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
-        bs, prev = self.block_size, None
+        bs, prev, prev_block = self.block_size, None, None
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             prev = self._chain_hash(prev, tokens)
             block = self.cached.get(prev)
-            if block is None or block.token_ids != tokens:
+            if block is None or block.token_ids != tokens or block.prev_block != prev_block:
                 break
+            prev_block = block.block_id
             if block.ref_count == 0:
                 del self.free[block.block_id]
             block.ref_count += 1
@@ -79,6 +82,7 @@ class BlockManager:
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block.hash = self._chain_hash(prev, tokens)
             block.token_ids = tokens
+            block.prev_block = seq.block_table[i - 1] if i else None
             self.cached.setdefault(block.hash, block)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
@@ -91,7 +95,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.hash is not None and self.cached.get(block.hash) is block:
             del self.cached[block.hash]
-        block.hash, block.token_ids, block.ref_count = None, None, 1
+        block.hash, block.token_ids, block.prev_block, block.ref_count = None, None, None, 1
         return block_id
 
     def _needs_copy_on_write(self, seq) -> bool:

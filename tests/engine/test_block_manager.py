@@ -598,3 +598,15 @@ def test_preempted_sequence_recomputes_via_cache():
     compute(bm, a)
     assert a.num_computed_tokens == a.num_tokens == 10
     check_invariants(bm, [a])
+
+
+def test_hash_collision_with_equal_block_tokens_at_another_position_is_not_a_false_hit(monkeypatch):
+    monkeypatch.setattr(BlockManager, "_chain_hash", lambda self, prev, tokens: 12345)
+    bm = BlockManager(8, BS)
+    a = make_seq(ids(0) + [9])
+    compute(bm, a)
+    # block 1 of `b` holds the same tokens as a's cached block 0 but follows a different prefix
+    b = make_seq(ids(0) + ids(0) + [7], request_id="b")
+    assert bm.attach_cached_prefix(b) == BS
+    assert b.block_table == a.block_table[:1]
+    check_invariants(bm, [a, b])
