@@ -1,9 +1,10 @@
 """Packs a scheduled batch into one varlen row, runs the HF module, returns logits."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
+from .cpu_gemm import Fp32Gemm, needs_fp32_gemm
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, PagedKVCache, PrefillChunk, register
 from .scheduler import SchedulerOutput
 
@@ -40,6 +41,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
+        self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -99,7 +101,7 @@ class ModelRunner:
     def forward(self, input_ids, positions, meta, logits_rows: list[int]) -> torch.Tensor:
         """One packed forward; returns float32 logits [len(kept rows), vocab] for rows >= 0."""
         keep = torch.tensor([r for r in logits_rows if r >= 0], dtype=torch.long, device=self.device)
-        with _paged_attention(self._attn_configs):
+        with _paged_attention(self._attn_configs), (self._gemm or nullcontext()):
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
