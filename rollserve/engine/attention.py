@@ -84,7 +84,8 @@ def _attend(q, k, v, mask, scale, softcap, is_causal=False):
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     # cache: [blocks, block_size, kv_heads, D]; block_tables: [B, nb] -> [B, kv_heads, nb * block_size, D]
     b, nb = block_tables.shape
-    g = cache.index_select(0, block_tables.reshape(-1))
+    # index_select over 2-D rows is an order of magnitude faster on the CPU than over 4-D ones
+    g = cache.view(cache.shape[0], -1).index_select(0, block_tables.reshape(-1))
     return g.view(b, nb * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
