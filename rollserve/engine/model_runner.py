@@ -4,7 +4,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .cpu_gemm import CpuGemm, needs_fp32_gemm
+from .cpu_gemm import Fp32Gemm, needs_fp32_gemm
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, PagedKVCache, PrefillChunk, register
 from .scheduler import SchedulerOutput
 
@@ -41,7 +41,7 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
-        self._gemm = CpuGemm(needs_fp32_gemm(self.dtype, self.device)) if self.device.type == "cpu" else None
+        self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:

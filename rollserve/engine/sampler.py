@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROWS_PER_CHUNK = 32
+ROWS_PER_CHUNK = 16
 CDF_BLOCK = 128  # the CDF is inverted in two levels: blocks of the vocabulary, then tokens within a block
 
 
