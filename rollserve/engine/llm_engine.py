@@ -33,9 +33,8 @@ class Request:
         self.num_finished = 0
 
     def output(self, detokenize) -> RequestOutput:
-        outs = []
+        outs, with_lp = [], self.params.logprobs is not None
         for seq in sorted(self.seqs, key=lambda s: s.index):
-            with_lp = self.params.logprobs is not None
             outs.append(CompletionOutput(
                 index=seq.index,
                 text=detokenize(seq.completion_token_ids),
