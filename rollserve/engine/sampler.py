@@ -34,7 +34,7 @@ def _block_sums(e: torch.Tensor) -> torch.Tensor:
 
 def _invert_cdf(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """First token whose running sum of `e` exceeds `target` (never a zero-weight token). e: [rows, vocab]."""
-    rows, vocab = e.shape
+    vocab = e.shape[1]
     csum = _block_sums(e).cumsum(-1)  # [rows, blocks]
     block = torch.searchsorted(csum, target[:, None], right=True).clamp_max(csum.shape[1] - 1)
     before = torch.where(block > 0, csum.gather(1, (block - 1).clamp_min(0)), torch.zeros_like(target[:, None]))
