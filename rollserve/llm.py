@@ -54,10 +54,10 @@ class LLM:
 
         return AutoTokenizer.from_pretrained(tokenizer or source)
 
-    def _detokenize(self, token_ids: list[int]) -> str:
+    def _detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -87,26 +87,16 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError(f"prompts[{i}] is a string but the engine has no tokenizer; pass token ids")
             if not prompt:
-                raise ValueError(f"prompts[{i}] is empty")
+                raise ValueError(f"prompts[{i}]: the prompt is empty")
             return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
         return None, list(prompt)
 
     def _validate(self, i: int, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError(f"prompts[{i}] is empty")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompts[{i}] has {len(token_ids)} tokens; the model's context is {self.max_model_len} "
-                             f"(prompt + at least one generated token must fit)")
-        need = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        if need > self.engine.max_tokens_per_seq:
-            raise ValueError(f"prompts[{i}]: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} need "
-                             f"{need} KV slots but the cache holds {self.engine.max_tokens_per_seq}; "
-                             f"raise kv_cache_memory or lower max_tokens")
+        problem = self.engine.check_request(token_ids, params)
+        if problem:
+            raise ValueError(f"prompts[{i}]: {problem}")
 
     # -- generation ---------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,

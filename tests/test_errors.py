@@ -57,15 +57,15 @@ def assert_untouched_and_working(llm, probe):
 GOOD = [5, 6, 7]
 
 BAD_PROMPTS = [
-    pytest.param("", ValueError, r"prompts\[0\] is empty", id="empty-string"),
-    pytest.param(["hello", ""], ValueError, r"prompts\[1\] is empty", id="empty-string-in-batch"),
-    pytest.param([[]], ValueError, r"prompts\[0\] is empty", id="empty-token-list"),
-    pytest.param([GOOD, []], ValueError, r"prompts\[1\] is empty", id="empty-token-list-in-batch"),
+    pytest.param("", ValueError, r"prompts\[0\]: the prompt is empty", id="empty-string"),
+    pytest.param(["hello", ""], ValueError, r"prompts\[1\]: the prompt is empty", id="empty-string-in-batch"),
+    pytest.param([[]], ValueError, r"prompts\[0\]: the prompt is empty", id="empty-token-list"),
+    pytest.param([GOOD, []], ValueError, r"prompts\[1\]: the prompt is empty", id="empty-token-list-in-batch"),
     pytest.param([[3, -1, 4]], ValueError, r"vocabulary.*-1", id="negative-id"),
     pytest.param([GOOD, [3, TINY_VOCAB]], ValueError, rf"prompts\[1\].*vocabulary.*{TINY_VOCAB}", id="id-eq-vocab"),
     pytest.param([[10**6]], ValueError, "vocabulary", id="id-far-beyond-vocab"),
     pytest.param([[1] * MAX_MODEL_LEN], ValueError, rf"{MAX_MODEL_LEN} tokens.*context", id="prompt-fills-context"),
-    pytest.param([GOOD, [1] * 200], ValueError, r"prompts\[1\] has 200 tokens.*context", id="prompt-beyond-context"),
+    pytest.param([GOOD, [1] * 200], ValueError, r"prompts\[1\]: the prompt has 200 tokens.*context", id="prompt-beyond-context"),
     pytest.param(123, TypeError, "prompts", id="int-prompts"),
     pytest.param([[1, "a"]], TypeError, r"prompts\[0\]", id="str-in-token-list"),
     pytest.param([GOOD, [1, 2.0]], TypeError, r"prompts\[1\]", id="float-in-token-list"),

@@ -36,7 +36,7 @@ def _run_packed(llm, work: list[tuple[Sequence, int]]) -> dict[int, tuple[int, t
     batch = SchedulerOutput()
     for seq, n in work:
         batch.add(seq, n, bm.append_slots(seq, n))
-    input_ids, positions, meta, rows, order = runner.prepare(batch)
+    input_ids, positions, meta, rows, order, _ = runner.prepare(batch)
     logits = runner.forward(input_ids, positions, meta, list(range(len(input_ids))))
     assert logits.shape[0] == len(input_ids) == sum(n for _, n in work)
     num_new = {seq.seq_id: n for seq, n in work}

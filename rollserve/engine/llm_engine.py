@@ -8,7 +8,7 @@ from ..config import EngineConfig
 from ..outputs import CompletionOutput, RequestOutput
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
-from .sampler import Sampler
+from .sampler import Sampler, SamplingBatch, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -31,20 +31,54 @@ class Request:
         self.weight_version = weight_version
         self.seqs: list[Sequence] = []
         self.num_finished = 0
+        self.prompt_logprobs: list[tuple] = []  # (targets, logprobs, top ids, top logprobs) per computed chunk
 
     def output(self, detokenize) -> RequestOutput:
-        outs, with_lp = [], self.params.logprobs is not None
-        for seq in sorted(self.seqs, key=lambda s: s.index):
-            outs.append(CompletionOutput(
-                index=seq.index,
-                text=detokenize(seq.completion_token_ids),
-                token_ids=seq.completion_token_ids,
-                logprobs=list(seq.logprobs) if with_lp else None,
-                cumulative_logprob=float(sum(seq.logprobs)) if with_lp else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            ))
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.weight_version)
+        p = self.params
+        outs = [_completion(seq, p, detokenize) for seq in sorted(self.seqs, key=lambda s: s.index)]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.weight_version,
+                             self._prompt_logprobs() if p.prompt_logprobs is not None else None)
+
+    def _prompt_logprobs(self) -> list:
+        out: list = [None]
+        k = self.params.prompt_logprobs
+        for targets, sel, ids, vals in self.prompt_logprobs:
+            targets, sel = targets.tolist(), sel.tolist()
+            ids, vals = (ids[:, :k].tolist(), vals[:, :k].tolist()) if k else ([[]] * len(sel), [[]] * len(sel))
+            for t, lp, i, v in zip(targets, sel, ids, vals):
+                entry = dict(zip(i, v))
+                entry[t] = lp
+                out.append(entry)
+        return out
+
+
+def _completion(seq: Sequence, p, detokenize) -> CompletionOutput:
+    token_ids = seq.completion_token_ids
+    text = detokenize(token_ids, p.skip_special_tokens)
+    if seq.stop_text_end is not None:  # cut at the stop string, found again in the full decode
+        stop = seq.stop_reason
+        i = text.find(stop)
+        text = text[:i + (len(stop) if p.include_stop_str_in_output else 0)] if i >= 0 else seq.text[:seq.stop_text_end]
+    logprobs = cumulative = top = ranks = None
+    if p.logprobs is not None:
+        lps = torch.stack(seq.logprobs) if seq.logprobs else torch.zeros(0)
+        logprobs = lps.tolist()
+        cumulative = float(lps.double().sum())
+        if p.logprobs > 0:
+            k = p.logprobs
+            ids = torch.stack(seq.top_ids)[:, :k].tolist()
+            vals = torch.stack(seq.top_logprobs)[:, :k].tolist()
+            top = []
+            for t, lp, i, v in zip(token_ids, logprobs, ids, vals):
+                entry = dict(zip(i, v))
+                entry[t] = lp
+                top.append(entry)
+            ranks = torch.stack(seq.ranks).tolist()
+    return CompletionOutput(
+        index=seq.index, text=text, token_ids=token_ids, logprobs=logprobs, cumulative_logprob=cumulative,
+        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, top_logprobs=top, token_ranks=ranks,
+        weight_versions=list(seq.weight_versions),
+    )
 
 
 def _seeded_generator(seed: int, index: int) -> torch.Generator:
@@ -53,10 +87,14 @@ def _seeded_generator(seed: int, index: int) -> torch.Generator:
 
 class LLMEngine:
     def __init__(self, model, config: EngineConfig, eos_token_ids: set[int], max_model_len: int, detokenize):
+        """`detokenize(token_ids, skip_special_tokens) -> str`."""
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.detokenize = detokenize
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        out_emb = model.get_output_embeddings()
+        self.logits_size = getattr(out_emb, "out_features", None) or self.vocab_size
         bytes_per_block = ModelRunner.bytes_per_block(model.config, config.block_size, next(model.parameters()).dtype)
         num_blocks = config.kv_cache_memory // bytes_per_block
         if num_blocks < 1:
@@ -74,9 +112,36 @@ class LLMEngine:
     def max_tokens_per_seq(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
 
+    def check_request(self, prompt_token_ids: list[int], params) -> str | None:
+        """Why this request cannot run here (a message), or None when it can."""
+        if not prompt_token_ids:
+            return "the prompt is empty"
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            return f"the prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+        if len(prompt_token_ids) >= self.max_model_len:
+            return (f"the prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len} "
+                    f"(prompt + at least one generated token must fit)")
+        need = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        if need > self.max_tokens_per_seq:
+            return (f"{len(prompt_token_ids)} prompt tokens + max_tokens={params.max_tokens} need {need} KV slots "
+                    f"but the cache holds {self.max_tokens_per_seq}; raise kv_cache_memory or lower max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name, None)
+            if k is not None and k > self.logits_size:
+                return f"{name}={k} exceeds the vocabulary size {self.logits_size}"
+        bad = [t for t in params.stop_token_ids if t >= self.logits_size]
+        if bad:
+            return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.logits_size})"
+        return None
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None) -> None:
+        """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
+        problem = self.check_request(prompt_token_ids, params)
+        if problem:
+            raise ValueError(f"request {request_id!r}: {problem}")
         request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
         if params.seed is not None:
@@ -93,7 +158,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        logits, rows, order = self.runner.run(batch)
+        logits, rows, order, prompt_rows = self.runner.run(batch)
         self.stats.num_steps += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
@@ -104,6 +169,9 @@ class LLMEngine:
             self.stats.num_recomputed_tokens += n - prompt_part - decode_part
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
+        num_sampled = sum(r >= 0 for r in rows)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits[num_sampled:], prompt_rows)
         targets, logit_rows = [], []
         for k, seq in enumerate(s for s, r in zip(order, rows) if r >= 0):
             group = [seq] + self._fork(seq)
@@ -111,10 +179,23 @@ class LLMEngine:
             logit_rows.extend([k] * len(group))
         if not targets:
             return []
-        if len(logit_rows) != logits.shape[0]:
+        logits = logits[:num_sampled]
+        if len(logit_rows) != num_sampled:
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
-        out = self.sampler(logits, [s.params for s in targets], [s.generator for s in targets])
-        return self._postprocess(targets, out.token_ids.tolist(), out.logprobs.tolist())
+        batch = SamplingBatch(targets, self.eos_token_ids, logits.shape[1], logits.device)
+        return self._postprocess(targets, self.sampler(logits, batch))
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> None:
+        offset = 0
+        for seq, _, first, count in prompt_rows:
+            x = logits[offset:offset + count]
+            offset += count
+            targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], device=x.device)
+            sel, ids, vals = prompt_logprobs(x, targets, seq.params, seq.params.prompt_logprobs)
+            self.requests[seq.request_id].prompt_logprobs.append((targets, sel, ids, vals))
+            seq.num_prompt_logprobs = first + count
+            if seq.num_prompt_logprobs >= seq.num_prompt_tokens - 1:
+                seq.skip_prefix_cache = False
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         if seq.num_samples == 1:
@@ -129,11 +210,24 @@ class LLMEngine:
         self.scheduler.fork(seq, children)
         return children
 
-    def _postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float]) -> list[RequestOutput]:
+    def _postprocess(self, seqs: list[Sequence], out) -> list[RequestOutput]:
         finished = []
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        tokens = out.token_ids.tolist()
+        logprobs = out.logprobs.unbind(0)
+        has_top = out.top_ids is not None
+        if has_top:
+            top_ids, top_lps, ranks = out.top_ids.unbind(0), out.top_logprobs.unbind(0), out.ranks.unbind(0)
+        version = self.weight_version
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.token_ids.append(token)
-            seq.logprobs.append(lp)
+            seq.weight_versions.append(version)
+            k = seq.params.logprobs
+            if k is not None:
+                seq.logprobs.append(logprobs[i])
+                if k > 0 and has_top:
+                    seq.top_ids.append(top_ids[i])
+                    seq.top_logprobs.append(top_lps[i])
+                    seq.ranks.append(ranks[i])
             self.stats.num_generated_tokens += 1
             if not self._check_stop(seq, token):
                 continue
@@ -147,13 +241,52 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> bool:
         params = seq.params
-        if token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        elif not params.ignore_eos and token in self.eos_token_ids:
+        at_limit = seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        if seq.num_completion_tokens < params.min_tokens and not at_limit:
+            # EOS and stop ids were masked out by the sampler; stop strings are not looked for yet.
+            if params.stop:
+                self._update_text(seq)
+            return False
+        if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif params.stop and self._stop_string(seq):
+            seq.finish_reason = "stop"
+        elif at_limit:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
+
+    def _update_text(self, seq: Sequence) -> str:
+        """Incremental detokenisation: the text the newest tokens add (empty while a character is incomplete)."""
+        skip = seq.params.skip_special_tokens
+        before = self.detokenize(seq.token_ids[seq.prefix_offset:seq.read_offset], skip)
+        after = self.detokenize(seq.token_ids[seq.prefix_offset:], skip)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        new = after[len(before):]
+        seq.text += new
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
+        return new
+
+    def _stop_string(self, seq: Sequence) -> bool:
+        new = self._update_text(seq)
+        if not new:
+            return False
+        params, text = seq.params, seq.text
+        longest = max(len(s) for s in params.stop)
+        start = max(0, len(text) - len(new) - longest + 1)
+        best = None
+        for stop in params.stop:
+            i = text.find(stop, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return False
+        i, stop = best
+        seq.stop_reason = stop
+        seq.stop_text_end = i + (len(stop) if params.include_stop_str_in_output else 0)
+        return True
 
     def abort_all(self) -> list[RequestOutput]:
         """Stops every request in flight, frees its blocks, returns what each had (finish_reason "abort")."""

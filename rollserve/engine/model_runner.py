@@ -53,17 +53,19 @@ class ModelRunner:
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, batch: SchedulerOutput):
-        """Returns (input_ids, positions, metadata, logits_rows, order) for `batch`.
+        """Returns (input_ids, positions, metadata, logits_rows, order, prompt_rows) for `batch`.
 
         `order` lists the scheduled sequences in packed order (decodes first);
         `logits_rows[i]` is the packed token whose logits sequence `order[i]`
-        needs, or -1 when it is mid-prefill.
+        needs, or -1 when it is mid-prefill. `prompt_rows` lists
+        `(seq, first_packed_row, first_position, count)` for sequences that
+        want prompt logprobs: the logits at those prompt positions.
         """
         dev = self.device
         pairs = list(zip(batch.seqs, batch.num_new_tokens))
         decodes = [(s, n) for s, n in pairs if n == 1]
         prefills = [(s, n) for s, n in pairs if n > 1]
-        ids, pos, slots, rows, chunks = [], [], [], [], []
+        ids, pos, slots, rows, chunks, prompt_rows = [], [], [], [], [], []
         for seq, _ in decodes:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
@@ -77,6 +79,10 @@ class ModelRunner:
             slots.extend(self._slots(seq.block_table, p, p + n))
             table = None if p == 0 else torch.tensor(seq.block_table, dtype=torch.long, device=dev)
             chunks.append(PrefillChunk(start, len(ids), p + n, table))
+            if seq.skip_prefix_cache:  # wants prompt logprobs: positions q predict prompt token q + 1
+                first, last = max(p, seq.num_prompt_logprobs), min(p + n, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_rows.append((seq, start + first - p, first, last - first))
             rows.append(len(ids) - 1 if p + n == seq.num_tokens else -1)
         block_tables = context_lens = None
         if decodes:
@@ -95,12 +101,15 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         order = [s for s, _ in decodes] + [s for s, _ in prefills]
-        return input_ids, positions, meta, rows, order
+        return input_ids, positions, meta, rows, order, prompt_rows
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, meta, logits_rows: list[int]) -> torch.Tensor:
-        """One packed forward; returns float32 logits [len(kept rows), vocab] for rows >= 0."""
-        keep = torch.tensor([r for r in logits_rows if r >= 0], dtype=torch.long, device=self.device)
+    def forward(self, input_ids, positions, meta, logits_rows: list[int], prompt_rows=()) -> torch.Tensor:
+        """One packed forward; returns float32 logits for rows >= 0, then for each `prompt_rows` range."""
+        keep = [r for r in logits_rows if r >= 0]
+        for _, first, _, count in prompt_rows:
+            keep.extend(range(first, first + count))
+        keep = torch.tensor(keep, dtype=torch.long, device=self.device)
         with _paged_attention(self._attn_configs), (self._gemm or nullcontext()):
             out = self.model(
                 input_ids=input_ids[None],
@@ -116,5 +125,5 @@ class ModelRunner:
         if batch.block_copies:
             src, dst = zip(*batch.block_copies)
             self.kv_cache.copy_blocks(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
-        input_ids, positions, meta, rows, order = self.prepare(batch)
-        return self.forward(input_ids, positions, meta, rows), rows, order
+        input_ids, positions, meta, rows, order, prompt_rows = self.prepare(batch)
+        return self.forward(input_ids, positions, meta, rows, prompt_rows), rows, order, prompt_rows

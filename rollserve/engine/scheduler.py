@@ -90,7 +90,7 @@ class Scheduler:
             seq = self.waiting[0]
             if num_seqs and num_seqs + seq.num_samples > self.max_num_seqs:
                 break
-            cached = self.block_manager.attach_cached_prefix(seq)
+            cached = 0 if seq.skip_prefix_cache else self.block_manager.attach_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.can_append(seq, num_new):
                 self.block_manager.free_blocks(seq)

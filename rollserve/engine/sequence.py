@@ -31,7 +31,21 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0
-        self.logprobs: list[float] = []
+        # Per generated token, kept as tensors until the API boundary: the logprob (0-d), the
+        # top alternatives' ids and logprobs ([k]), the sampled token's rank (0-d), the weight version.
+        self.logprobs: list = []
+        self.top_ids: list = []
+        self.top_logprobs: list = []
+        self.ranks: list = []
+        self.weight_versions: list[int] = []
+        # Incremental detokenisation (only for requests with stop strings).
+        self.text = ""
+        self.prefix_offset = max(0, len(prompt_token_ids) - 5)
+        self.read_offset = len(prompt_token_ids)
+        self.stop_text_end: int | None = None  # where `text` is cut when a stop string ended it
+        # A request that wants prompt logprobs computes its whole prompt (no prefix-cache hits) until it has them.
+        self.skip_prefix_cache = getattr(params, "prompt_logprobs", None) is not None
+        self.num_prompt_logprobs = 0  # prompt positions whose next-token logprob has been recorded
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # torch.Generator when the request is seeded
@@ -61,7 +75,10 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.block_table = list(self.block_table)
         child.num_hashed_blocks = self.num_hashed_blocks
-        child.logprobs = list(self.logprobs)
+        for name in ("logprobs", "top_ids", "top_logprobs", "ranks", "weight_versions"):
+            setattr(child, name, list(getattr(self, name)))
+        child.text, child.prefix_offset, child.read_offset = self.text, self.prefix_offset, self.read_offset
+        child.skip_prefix_cache = self.skip_prefix_cache
         return child
 
     def __repr__(self) -> str:
