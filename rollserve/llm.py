@@ -6,8 +6,8 @@ import time
 from .config import EngineConfig, resolve_dtype
 from .engine.llm_engine import LLMEngine
 from .model_loader import load_model
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .outputs import BeamSearchOutput, RequestOutput
+from .sampling_params import BeamSearchParams, SamplingParams
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -121,6 +121,24 @@ class LLM:
         for (text, token_ids), p in zip(encoded, params):
             rid = str(next(self._request_ids))
             self.engine.add_request(rid, token_ids, p, prompt=text)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """Beam search over each prompt inside the engine (beams share KV blocks); one output per prompt, in order.
+
+        Every prompt is checked before any is queued: a bad one raises and nothing runs.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = self._normalize_prompts(prompts)
+        encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
+        for i, (_, ids) in enumerate(encoded):
+            self._validate(i, ids, params)
+        ids = []
+        for text, token_ids in encoded:
+            rid = str(next(self._request_ids))
+            self.engine.add_request(rid, token_ids, params, prompt=text)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

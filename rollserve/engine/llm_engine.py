@@ -6,6 +6,7 @@ import torch
 
 from ..config import EngineConfig
 from ..outputs import CompletionOutput, RequestOutput
+from .beam_search import BeamRequest, BeamSearcher, new_beam_sequence
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingBatch, prompt_logprobs
@@ -107,6 +108,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.weight_version = 0
+        self.beam_searcher = BeamSearcher(self)
 
     @property
     def max_tokens_per_seq(self) -> int:
@@ -142,6 +144,11 @@ class LLMEngine:
         problem = self.check_request(prompt_token_ids, params)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
+        if getattr(params, "beam_width", None) is not None:  # BeamSearchParams
+            request = BeamRequest(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
+            self.requests[request_id] = request
+            self.scheduler.add(new_beam_sequence(request))
+            return
         request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
         if params.seed is not None:
@@ -172,18 +179,25 @@ class LLMEngine:
         num_sampled = sum(r >= 0 for r in rows)
         if prompt_rows:
             self._record_prompt_logprobs(logits[num_sampled:], prompt_rows)
-        targets, logit_rows = [], []
+        targets, logit_rows, beams, beam_rows = [], [], [], []
         for k, seq in enumerate(s for s, r in zip(order, rows) if r >= 0):
+            if seq.is_beam:
+                beams.append(seq)
+                beam_rows.append(k)
+                continue
             group = [seq] + self._fork(seq)
             targets.extend(group)
             logit_rows.extend([k] * len(group))
-        if not targets:
-            return []
         logits = logits[:num_sampled]
+        finished = []
+        if beams:
+            finished = self.beam_searcher.process(logits[torch.tensor(beam_rows, device=logits.device)], beams)
+        if not targets:
+            return finished
         if len(logit_rows) != num_sampled:
             logits = logits[torch.tensor(logit_rows, device=logits.device)]
         batch = SamplingBatch(targets, self.eos_token_ids, logits.shape[1], logits.device)
-        return self._postprocess(targets, self.sampler(logits, batch))
+        return finished + self._postprocess(targets, self.sampler(logits, batch))
 
     def _record_prompt_logprobs(self, logits: torch.Tensor, prompt_rows) -> None:
         offset = 0

@@ -58,6 +58,15 @@ class Scheduler:
         budget -= sum(out.num_new_tokens)
         if not preempted:
             self._admit_waiting(out, budget)
+        if out.is_empty and self.waiting:
+            # Nothing runnable: running sequences are all idle (beams waiting for their siblings) and hold
+            # the blocks the waiting ones need. Preempt idle ones, newest first, to the back of the queue.
+            idle = [s for s in self.running if s.num_computed_tokens == s.num_tokens]
+            while out.is_empty and idle:
+                victim = idle.pop()
+                self.running.remove(victim)
+                self._preempt(victim, to_front=False)
+                self._admit_waiting(out, budget)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
@@ -65,9 +74,9 @@ class Scheduler:
         while queue:
             seq = queue.popleft()
             kept.append(seq)
-            if budget == 0:
-                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:  # out of budget, or idle (a beam waiting for its siblings' candidates)
+                continue
             while not self.block_manager.can_append(seq, num_new):
                 preempted = True
                 if queue:
@@ -105,24 +114,39 @@ class Scheduler:
             out.add(seq, num_new, self.block_manager.append_slots(seq, num_new))
             budget -= num_new
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, to_front: bool = True) -> None:
         self.block_manager.free_blocks(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if to_front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
         self.stats.num_preemptions += 1
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
-        """Put `children` (forked from `parent`, which stays) right after it in the running order."""
+        """Put `children` (forked from `parent`, which stays) right after it, running or waiting like it."""
+        if parent.status is SequenceStatus.WAITING:  # a preempted parent: the children recompute too
+            i = self.waiting.index(parent)
+            for j, child in enumerate(children):
+                child.block_table, child.num_computed_tokens, child.num_hashed_blocks = [], 0, 0
+                child.status = SequenceStatus.WAITING
+                self.waiting.insert(i + 1 + j, child)
+            return
         for child in children:
             self.block_manager.fork(child)
         i = self.running.index(parent)
         self.running[i + 1:i + 1] = children
 
     def finish(self, seq: Sequence) -> None:
+        """Frees `seq`'s blocks and takes it out of the running or the waiting queue."""
+        was_waiting = seq.status is SequenceStatus.WAITING
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free_blocks(seq)
-        self.running.remove(seq)
+        if was_waiting:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
 
     def abort_all(self) -> list[Sequence]:
         seqs = list(self.running) + list(self.waiting)

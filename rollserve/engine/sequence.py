@@ -49,6 +49,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # torch.Generator when the request is seeded
+        self.is_beam = False  # a beam of a beam-search request (see beam_search.py)
 
     @property
     def num_tokens(self) -> int:
