@@ -13,14 +13,17 @@ def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts
     params = SamplingParams(temperature=0, max_tokens=40)
     old = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    # A real forward hook: the parameters' version counters must not move during a forward.
-    # The pre-hook sleeps so that an update that ignored the step lock would land inside one.
-    model, counters, torn = llm.model, [], []
+    # Real forward hooks: the parameters' version counters must not move during a forward. The
+    # update is started from inside the 6th forward, which then lingers: without the step lock
+    # the copy would land in it.
+    model, counters, torn, inside = llm.model, [], [], threading.Event()
     version_sum = lambda: sum(p._version for p in model.parameters())  # noqa: E731
 
     def before(module, args, kwargs):
         counters.append(version_sum())
-        time.sleep(0.003)
+        if len(counters) == 6:
+            inside.set()
+            time.sleep(0.2)
 
     def after(module, args, kwargs, output):
         if version_sum() != counters[-1]:
@@ -31,8 +34,7 @@ def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts
     stats, start_steps, result = llm.engine.stats, llm.engine.stats.num_steps, {}
 
     def update():
-        while stats.num_steps < start_steps + 5:
-            time.sleep(0.001)
+        inside.wait(timeout=60)
         result["version"] = llm.update_weights(trainer.named_parameters(), require_all=True)
         result["steps"] = stats.num_steps - start_steps
 
