@@ -211,10 +211,10 @@ def weights_fingerprint(named_tensors, dtype: torch.dtype | None = None) -> str:
         alive[key] = weakref.ref(tensor)
         if dtype is not None:
             t = t.to(dtype)
-        h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|".encode(), digest_size=16)
+        h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())  # SHA-NI: ~2x blake2b on this CPU
         h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
         digests[normalize_name(name)] = h.digest()
-    total = hashlib.blake2b(digest_size=16)
+    total = hashlib.sha256()
     for name in sorted(digests):
         total.update(name.encode() + b"\0" + digests[name])
-    return total.hexdigest()
+    return total.hexdigest()[:32]
