@@ -212,8 +212,9 @@ def test_bad_update_changes_nothing_and_engine_keeps_serving(shared_pair, make_p
     prompts = make_prompts([5, 7], seed=4)
     fingerprint, version, outputs = llm.weights_fingerprint(), llm.weight_version, greedy(llm, prompts)
     build, error, text = BAD_UPDATES[label]
-    # valid values that differ from the engine's, around the bad item
-    named, kwargs = build([(n, p.detach() * 1.01 + 0.01) for n, p in trainer.named_parameters()])
+    # valid values around the bad item, different from the engine's whatever earlier cases left in it
+    scale = 1.0 + 0.01 * (list(BAD_UPDATES).index(label) + 1)
+    named, kwargs = build([(n, p.detach() * scale + 0.01) for n, p in trainer.named_parameters()])
     with pytest.raises(error) as info:
         llm.update_weights(named, **kwargs)
     assert text in str(info.value)
