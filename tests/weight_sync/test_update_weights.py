@@ -71,10 +71,11 @@ def test_sync_is_bit_equal_and_fingerprints_match(pair, make_prompts):
 
 
 def test_fingerprint_sees_a_single_bit():
-    a = [("w", torch.ones(1000)), ("b", torch.zeros(3))]
+    a = [("w", torch.arange(1000.0)), ("b", torch.zeros(3))]
     flipped = a[0][1].clone()
     flipped.view(torch.int32)[517] ^= 1
     assert weights_fingerprint(a) != weights_fingerprint([("w", flipped), a[1]])
+    assert weights_fingerprint(a) != weights_fingerprint([("w", a[0][1].flip(0)), a[1]])  # same sums, other bytes
     assert weights_fingerprint(a) != weights_fingerprint([("w", a[0][1].reshape(10, 100)), a[1]])
     assert weights_fingerprint(a) != weights_fingerprint([("v", a[0][1]), a[1]])
     assert weights_fingerprint(a) == weights_fingerprint([("module.w", a[0][1].clone()), a[1]])
