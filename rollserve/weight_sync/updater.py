@@ -93,7 +93,7 @@ def _describe(t) -> str | None:
         return "values that are not tensors"
     if type(t).__name__ == "DTensor":
         return "sharded DTensors (pass full tensors, e.g. from rollserve.weight_sync.sources.iter_named_weights)"
-    if hasattr(t, "ds_id"):
+    if hasattr(t, "ds_id") and t.numel() != t.ds_numel:  # inside GatheredParameters it is full, and fine
         return "ZeRO-3 partitioned parameters (gather them, e.g. with rollserve.weight_sync.sources.iter_named_weights)"
     if t.is_meta:
         return "meta tensors (no data)"
