@@ -192,10 +192,8 @@ class DistributedReceiver(_GroupMember):
         try:
             version = self.target.update_weights(pending, version=header["version"], require_all=header["require_all"])
         except Exception as e:
-            del pending
             self._allgather_status({"ok": False, "error": type(e).__name__, "message": str(e)})
             raise
-        del pending
         self._allgather_status({"ok": True, "version": version})
         return version
 
