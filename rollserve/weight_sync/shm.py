@@ -284,9 +284,13 @@ class SharedMemoryReceiver:
             return False
         raw = self._socket.recv()
         try:
-            reply = {"ok": True, **self._handle(msgpack.unpackb(raw))}
+            try:
+                message = msgpack.unpackb(raw)
+            except Exception as e:
+                raise ValueError(f"malformed weight-sync message ({type(e).__name__} decoding msgpack)") from None
+            reply = {"ok": True, **self._handle(message)}
         except Exception as e:  # a refused update or a malformed message: tell the sender, keep serving
-            reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+            reply = {"ok": False, "error": type(e).__name__, "message": str(e) or repr(e)}
         self._socket.send(msgpack.packb(reply))
         return True
 
