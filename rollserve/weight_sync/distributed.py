@@ -18,11 +18,11 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from .packing import align, bucket_entries, plan_buckets, read_bucket, write_bucket
-from .shm import DEFAULT_BUCKET_BYTES, _check_positive, _check_update_args
+from .shm import DEFAULT_BUCKET_BYTES
+from .wire import (align, bucket_entries, check_positive, check_update_args, error_record, plan_buckets,
+                   read_bucket, remote_error, write_bucket)
 
 STATUS_BYTES = 4096
-_REMOTE_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
 
 
 def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: float = 1800.0):
@@ -38,7 +38,7 @@ def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: f
         raise ValueError(f"world_size must be an int >= 2 (one source and at least one engine), got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    _check_positive("timeout_s", timeout_s)
+    check_positive("timeout_s", timeout_s)
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
     return dist.ProcessGroupGloo(dist.PrefixStore("rollserve-weights", store), rank, world_size, timeout)
@@ -72,7 +72,8 @@ class _GroupMember:
     def _allgather_status(self, record: dict) -> list[dict]:
         raw = msgpack.packb(record)
         if len(raw) > STATUS_BYTES - 4:
-            raw = msgpack.packb({**record, "message": record["message"][:STATUS_BYTES - 200] + " [truncated]"})
+            message = record["message"].encode()[:STATUS_BYTES // 2].decode(errors="ignore") + " [truncated]"
+            raw = msgpack.packb({"ok": record["ok"], "error": record["error"], "kind": record["kind"], "message": message})
         mine = torch.zeros(STATUS_BYTES, dtype=torch.uint8)
         mine[:4] = torch.tensor([len(raw)], dtype=torch.int32).view(torch.uint8)
         mine[4:4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -99,7 +100,7 @@ class DistributedSender(_GroupMember):
         super().__init__(group, src, device)
         if group.rank() != src:
             raise ValueError(f"DistributedSender must run on rank src={src}; this process is rank {group.rank()}")
-        _check_positive("bucket_bytes", bucket_bytes)
+        check_positive("bucket_bytes", bucket_bytes)
         self.bucket_bytes = int(bucket_bytes)
         self._buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
 
@@ -114,7 +115,7 @@ class DistributedSender(_GroupMember):
         self._broadcast(self._buffer[:base + used])
 
     def send(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
-        _check_update_args(version, require_all)
+        check_update_args(version, require_all)
         try:
             for batch, used in plan_buckets(named_tensors, self.bucket_bytes):
                 self._post({"op": "bucket", "tensors": bucket_entries(batch)}, batch, used)
@@ -127,10 +128,10 @@ class DistributedSender(_GroupMember):
         refused = [(rank, r) for rank, r in enumerate(records) if not r.get("ok")]
         if refused:
             rank, first = refused[0]
-            error = _REMOTE_ERRORS.get(first.get("error"), RuntimeError)
             applied = len(records) - len(refused)
-            raise error(f"engine (group rank {rank + (rank >= self.src)}) refused the update: {first.get('message')}"
-                        + (f" ({applied} other engines applied it)" if applied else ""))
+            where = f"engine at group rank {rank + (rank >= self.src)}" + (
+                f" (while {applied} other engines applied the update)" if applied else "")
+            raise remote_error(first, where)
         return records[0]["version"]
 
     def close(self) -> None:
@@ -192,7 +193,7 @@ class DistributedReceiver(_GroupMember):
         try:
             version = self.target.update_weights(pending, version=header["version"], require_all=header["require_all"])
         except Exception as e:
-            self._allgather_status({"ok": False, "error": type(e).__name__, "message": str(e)})
+            self._allgather_status(error_record(e))
             raise
         self._allgather_status({"ok": True, "version": version})
         return version

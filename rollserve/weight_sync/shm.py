@@ -27,13 +27,13 @@ import msgpack
 import torch
 import zmq
 
-from .packing import bucket_entries, plan_buckets, read_bucket, write_bucket
+from .wire import (bucket_entries, check_positive, check_update_args, error_record, plan_buckets, read_bucket,
+                   remote_error, write_bucket)
 
 PROTOCOL = 1
 DEFAULT_BUCKET_BYTES = 256 << 20
 SHM_DIR = "/dev/shm"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_REMOTE_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,18 +70,6 @@ def remove_stale_segments(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
     return removed
 
 
-def _check_positive(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{field} must be a positive number, got {value!r}")
-
-
-def _check_update_args(version, require_all) -> None:
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise TypeError(f"version must be an int or None, got {type(version).__name__}")
-    if not isinstance(require_all, bool):
-        raise TypeError(f"require_all must be a bool, got {type(require_all).__name__}")
-
-
 class _Segment:
     def __init__(self, path: str, size: int):
         self.path, self.name, self.size = path, os.path.basename(path), size
@@ -112,10 +100,10 @@ class SharedMemorySender:
                  timeout_s: float = 300.0, shm_dir: str = SHM_DIR):
         if not isinstance(address, str) or "://" not in address:
             raise ValueError(f"address must be a ZMQ endpoint such as 'tcp://127.0.0.1:5555', got {address!r}")
-        _check_positive("bucket_bytes", bucket_bytes)
+        check_positive("bucket_bytes", bucket_bytes)
         if max_buffer_bytes is not None:
-            _check_positive("max_buffer_bytes", max_buffer_bytes)
-        _check_positive("timeout_s", timeout_s)
+            check_positive("max_buffer_bytes", max_buffer_bytes)
+        check_positive("timeout_s", timeout_s)
         if not os.path.isdir(shm_dir):
             raise ValueError(f"shm_dir {shm_dir!r} is not a directory")
         self.address, self.bucket_bytes, self.max_buffer_bytes = address, int(bucket_bytes), max_buffer_bytes
@@ -163,8 +151,7 @@ class SharedMemorySender:
             raise TimeoutError(f"no answer from the engine at {self.address} to {message['op']!r} within "
                                f"{self.timeout_s} s; is its receiver running?") from None
         if not reply.get("ok"):
-            error = _REMOTE_ERRORS.get(reply.get("error"), RuntimeError)
-            raise error(f"engine at {self.address}: {reply.get('message')}")
+            raise remote_error(reply, f"engine at {self.address}")
         return reply
 
     # -- segments -----------------------------------------------------------
@@ -200,7 +187,7 @@ class SharedMemorySender:
         Raises the engine's `ValueError`/`TypeError` if it refuses the update (its weights and version are then
         unchanged), `TimeoutError` if it does not answer within `timeout_s`. Either way this sender stays usable.
         """
-        _check_update_args(version, require_all)
+        check_update_args(version, require_all)
         if self._finalizer.alive is False:
             raise RuntimeError("this SharedMemorySender is closed")
         self._connect()
@@ -290,7 +277,7 @@ class SharedMemoryReceiver:
                 raise ValueError(f"malformed weight-sync message ({type(e).__name__} decoding msgpack)") from None
             reply = {"ok": True, **self._handle(message)}
         except Exception as e:  # a refused update or a malformed message: tell the sender, keep serving
-            reply = {"ok": False, "error": type(e).__name__, "message": str(e) or repr(e)}
+            reply = error_record(e)
         self._socket.send(msgpack.packb(reply))
         return True
 

@@ -1,4 +1,4 @@
-"""Wire format of the weight transports: named tensors packed into flat byte buckets.
+"""What both cross-process weight transports share: buckets, error records, argument checks.
 
 A bucket is a 1-D uint8 tensor; each tensor sits at a 64-byte aligned offset
 and is described by an entry `[name, dtype, shape, offset]` (msgpack-able:
@@ -97,3 +97,27 @@ def read_bucket(bucket: torch.Tensor, entries, base: int = 0) -> list[tuple[str,
                              f"{bucket.numel()}-byte bucket")
         views.append((name, bucket[offset:offset + size].view(dtype).view(shape)))
     return views
+
+
+def error_record(exc: Exception) -> dict:
+    """An engine-side exception as a msgpack-able reply: type, nearest ValueError/TypeError, message."""
+    kind = next((k.__name__ for k in type(exc).__mro__ if k in (ValueError, TypeError)), "RuntimeError")
+    return {"ok": False, "error": type(exc).__name__, "kind": kind, "message": str(exc) or repr(exc)}
+
+
+def remote_error(record: dict, where: str) -> Exception:
+    """The exception a sender raises for an engine's error record."""
+    kind = {"ValueError": ValueError, "TypeError": TypeError}.get(record.get("kind"), RuntimeError)
+    return kind(f"{where}: {record.get('error')}: {record.get('message')}")
+
+
+def check_positive(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{field} must be a positive number, got {value!r}")
+
+
+def check_update_args(version, require_all) -> None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise TypeError(f"version must be an int or None, got {type(version).__name__}")
+    if not isinstance(require_all, bool):
+        raise TypeError(f"require_all must be a bool, got {type(require_all).__name__}")
