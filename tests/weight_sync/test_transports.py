@@ -376,35 +376,31 @@ def run_llm_engine(kind, path, group_address, commands, replies):
 
 @pytest.fixture(scope="module")
 def smollm2_updates(smollm2_path):
-    """Two good full updates of SmolLM2 (seeded perturbations), one with a NaN in its last tensor, one with an
-    unknown name."""
+    """Two good full updates of SmolLM2 (every weight scaled, so every tensor changes) with their fingerprints,
+    one update with a NaN in its last tensor, one with an unknown name."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
-    updates = []
-    for seed in (1, 2):
-        g = torch.Generator().manual_seed(seed)
-        updates.append([(n, p.detach() + 1e-3 * torch.randn(p.shape, generator=g)) for n, p in model.named_parameters()])
-    nan_last = updates[0][:-1] + [(updates[0][-1][0], updates[0][-1][1].clone().fill_(float("nan")))]
-    unknown = updates[0] + [("model.layers.99.mlp.up_proj.weight", torch.ones(4, 4))]
-    return updates[0], updates[1], nan_last, unknown
+    good, good2 = ([(n, p.detach() * scale) for n, p in model.named_parameters()] for scale in (1.001, 0.999))
+    nan_last = good[:-1] + [(good[-1][0], torch.full_like(good[-1][1], float("nan")))]
+    unknown = good + [("model.layers.99.mlp.up_proj.weight", torch.ones(4, 4))]
+    return {"good": good, "good2": good2, "fingerprints": (weights_fingerprint(good), weights_fingerprint(good2)),
+            "bad": [(nan_last, "non-finite values"), (unknown, "unknown names")]}
 
 
-def check_end_to_end(send, state, updates):
-    good, good2, nan_last, unknown = updates
-    before = state()
-    assert send(good, version=3, require_all=True) == 3
+def check_end_to_end(send, state, updates, bad):
+    assert send(updates["good"], version=3, require_all=True) == 3
     after = state()
-    assert after["fingerprint"] == weights_fingerprint(good) != before["fingerprint"], "bit-equal to the trainer's"
+    assert after["fingerprint"] == updates["fingerprints"][0], "bit-equal to the trainer's weights"
     assert after["version"] == after["output_version"] == 3 and len(after["greedy"]) == 4
-    for bad, problem in ((nan_last, "non-finite values"), (unknown, "unknown names")):
+    for update, problem in bad:
         with pytest.raises(WeightUpdateError, match=problem) as refused:
-            send(bad, version=4)
+            send(update, version=4)
         assert refused.value.problems
         assert state() == after, "a refused update changes nothing and the engine keeps serving"
-    assert send(good2) == 4
+    assert send(updates["good2"]) == 4
     final = state()
-    assert final["fingerprint"] == weights_fingerprint(good2) and final["version"] == final["output_version"] == 4
+    assert final["fingerprint"] == updates["fingerprints"][1] and final["version"] == final["output_version"] == 4
 
 
 def test_shm_end_to_end_smollm2(smollm2_path, smollm2_updates):
@@ -418,7 +414,7 @@ def test_shm_end_to_end_smollm2(smollm2_path, smollm2_updates):
         return replies.get(timeout=120)
 
     with SharedMemorySender(address, bucket_bytes=E2E_BUCKET, timeout_s=120) as sender:
-        check_end_to_end(sender.send, state, smollm2_updates)
+        check_end_to_end(sender.send, state, smollm2_updates, smollm2_updates["bad"])
         prefix = sender._prefix
     assert segments(prefix) == []
     commands.put("stop")
@@ -448,7 +444,7 @@ def test_distributed_end_to_end_smollm2(smollm2_path, smollm2_updates):
         commands.put("state")
         return replies.get(timeout=120)
 
-    check_end_to_end(send, state, smollm2_updates)
+    check_end_to_end(send, state, smollm2_updates, smollm2_updates["bad"][:1])
     commands.put("stop")
     proc.join(30)
     assert proc.exitcode == 0
