@@ -377,13 +377,14 @@ def run_llm_engine(kind, path, group_address, commands, replies):
 @pytest.fixture(scope="module")
 def smollm2_updates(smollm2_path):
     """Two good full updates of SmolLM2 (every weight scaled, so every tensor changes) with their fingerprints,
-    one update with a NaN in its last tensor, one with an unknown name."""
+    and two bad ones: a NaN in the last tensor, an unknown name at the end."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     good, good2 = ([(n, p.detach() * scale) for n, p in model.named_parameters()] for scale in (1.001, 0.999))
-    nan_last = good[:-1] + [(good[-1][0], torch.full_like(good[-1][1], float("nan")))]
-    unknown = good + [("model.layers.99.mlp.up_proj.weight", torch.ones(4, 4))]
+    # The bad updates carry good2's values, so an engine that applied any part of them would show it.
+    nan_last = good2[:-1] + [(good2[-1][0], torch.full_like(good2[-1][1], float("nan")))]
+    unknown = good2 + [("model.layers.99.mlp.up_proj.weight", torch.ones(4, 4))]
     return {"good": good, "good2": good2, "fingerprints": (weights_fingerprint(good), weights_fingerprint(good2)),
             "bad": [(nan_last, "non-finite values"), (unknown, "unknown names")]}
 
