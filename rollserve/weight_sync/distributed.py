@@ -92,8 +92,9 @@ class DistributedSender(_GroupMember):
 
     `group` is a ProcessGroup whose rank `src` is this process (`weight_sync_group(...)`, or a
     `dist.new_group` of NCCL ranks with `device="cuda"`: not tested here). Raises the engine's
-    `ValueError`/`TypeError` if it refuses the update (its weights are then untouched), `RuntimeError`
-    if a peer dies (the group is then unusable).
+    `WeightUpdateError` if it refuses the update (its weights are then untouched; with several
+    engines, the message says how many applied it), `RuntimeError` if a peer dies or times out
+    (the group is then unusable). Returns the new version reported by the first engine.
     """
 
     def __init__(self, group, src: int = 0, device="cpu", bucket_bytes: int = DEFAULT_BUCKET_BYTES):
@@ -120,7 +121,7 @@ class DistributedSender(_GroupMember):
             for batch, used in plan_buckets(named_tensors, self.bucket_bytes):
                 self._post({"op": "bucket", "tensors": bucket_entries(batch)}, batch, used)
             self._post({"op": "commit", "version": version, "require_all": require_all})
-        except Exception:
+        except BaseException:
             if self._broken is None:  # the source failed (bad item, iterator raised): tell the engines to drop it
                 self._post({"op": "abort"})
             raise
@@ -138,7 +139,7 @@ class DistributedSender(_GroupMember):
         """Tells the engines to leave `serve_forever` (the group itself belongs to the caller)."""
         if self._broken is None:
             self._post({"op": "close"})
-            self._broken = "closed"
+            self._broken = "closed by DistributedSender.close()"
 
     def __enter__(self):
         return self
@@ -148,7 +149,11 @@ class DistributedSender(_GroupMember):
 
 
 class DistributedReceiver(_GroupMember):
-    """Engine side: receives the source's broadcasts and applies each update with `target.update_weights`."""
+    """Engine side: receives the source's broadcasts and applies each update with `target.update_weights`.
+
+    `target` is an `LLM`. Its receive buffers (on `device`) grow to the size of the largest update and
+    are kept for the next sync. `receive()` blocks in the group's collectives until the source sends.
+    """
 
     def __init__(self, target, group, src: int = 0, device="cpu"):
         super().__init__(group, src, device)

@@ -184,8 +184,9 @@ class SharedMemorySender:
     def send(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
         """Sends `(name, tensor)` pairs; returns the engine's new weight version.
 
-        Raises the engine's `ValueError`/`TypeError` if it refuses the update (its weights and version are then
-        unchanged), `TimeoutError` if it does not answer within `timeout_s`. Either way this sender stays usable.
+        Raises the engine's `WeightUpdateError` if it refuses the update (its weights and version are then
+        unchanged), `TimeoutError` if it does not answer within `timeout_s` (during the final commit the
+        outcome is then unknown: compare `weight_version`). Either way this sender stays usable.
         """
         check_update_args(version, require_all)
         if self._finalizer.alive is False:

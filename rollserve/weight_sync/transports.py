@@ -9,8 +9,8 @@ weight version) and `close()`, so a trainer switches transport by changing one c
 - `DistributedSender(group)` -> `DistributedReceiver(llm, group)`: other hosts, packed buckets
   broadcast in a dedicated `torch.distributed` group (`distributed.py`).
 
-An update the engine refuses raises the engine's `ValueError`/`TypeError` on the sender and
-changes nothing on the engine; both sides stay usable.
+An update the engine refuses raises the engine's `WeightUpdateError` (a `ValueError`, same
+`problems`) on the sender and changes nothing on the engine; both sides stay usable.
 """
 
 from .distributed import DistributedReceiver, DistributedSender, weight_sync_group
