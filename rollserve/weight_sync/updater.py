@@ -81,9 +81,23 @@ class _Targets:
         return name if name in self.tensors else normalize_name(name)
 
 
+_CHECK_CHUNK = 1 << 20  # half-precision values are widened to fp32 this many at a time
+
+
 def _is_finite(t: torch.Tensor) -> bool:
     # Any NaN or inf makes the sum NaN or inf; a sum that overflows from finite values is re-checked exactly.
-    total = t.sum(dtype=torch.float32 if t.dtype in _HALF else None)
+    if t.dtype in _HALF and t.device.type == "cpu" and t.is_contiguous():
+        # Half-precision reductions are slow on CPUs without native support (~10x a copy); widening
+        # cache-sized chunks into one fp32 buffer and summing those costs ~1.5x a copy.
+        flat, buf = t.reshape(-1), torch.empty(min(t.numel(), _CHECK_CHUNK), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        for i in range(0, flat.numel(), _CHECK_CHUNK):
+            chunk = flat[i:i + _CHECK_CHUNK]
+            b = buf[:chunk.numel()]
+            b.copy_(chunk)
+            total += b.sum()
+    else:
+        total = t.sum(dtype=torch.float32 if t.dtype in _HALF else None)
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
