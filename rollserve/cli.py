@@ -110,7 +110,7 @@ def _run_generate(args) -> int:
         summary = generate_dataset(
             llm, prompts, params, args.out, reward_fn, batch_size=args.batch_size, chat=args.chat,
             prompt_field=args.prompt_field, output_format=args.format, overwrite=args.overwrite,
-            use_tqdm=not args.no_progress, model_name=str(Path(args.model).resolve()), reward_name=args.reward)
+            use_tqdm=not args.no_progress, reward_name=args.reward)
     except RewardError as e:
         return _fail(args, f"stopped: {e}\nshards written so far are kept in {args.out}; rerun to resume", 1)
     except (ValueError, TypeError, OSError) as e:

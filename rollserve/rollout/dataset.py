@@ -136,8 +136,10 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
             reward_name: str | None, model_name: str | None) -> dict:
     model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
+    if Path(model).exists():
+        model = str(Path(model).resolve())
     return {
-        "model": str(model), "dtype": str(llm.model.dtype).removeprefix("torch."),
+        "model": model, "dtype": str(llm.model.dtype).removeprefix("torch."),
         "sampling_params": dataclasses.asdict(params), "chat": chat, "prompt_field": prompt_field,
         "input_fingerprint": prompt_set.fingerprint, "num_prompts": len(prompt_set), "format": fmt,
         "reward": reward_name,
