@@ -1,0 +1,142 @@
+"""The `rollserve` command. Each subcommand is a function that adds its parser and one that runs it.
+
+    rollserve generate --model PATH --prompts FILE --out DIR [--n 8 --temperature 1.0 --max-tokens 256 ...]
+"""
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .sampling_params import SamplingParams
+
+_DEFAULTS = SamplingParams()
+
+
+def load_callable(spec: str):
+    """`"package.module:func"` or `"path/to/file.py:func"` -> the function (the current folder is importable)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--reward {spec!r}: expected MODULE:FUNC (e.g. my_rewards:exact_match)")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise ValueError(f"--reward {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"--reward {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample completions of a prompt set into a resumable dataset",
+                              description="Samples N completions of every prompt and writes them as shards "
+                                          "(rerun the same command to resume after an interruption).")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model", required=True, help="HF model folder or .gguf file")
+    io.add_argument("--prompts", required=True, help=".jsonl, .parquet, or a datasets.save_to_disk folder")
+    io.add_argument("--prompt-field", default="prompt", help="column holding the prompt (default: prompt)")
+    io.add_argument("--chat", action="store_true", help="apply the chat template to string prompts too "
+                                                         "(message-list rows always get it)")
+    io.add_argument("--out", required=True, help="output folder")
+    io.add_argument("--format", default="parquet", choices=("parquet", "jsonl"))
+    io.add_argument("--batch-size", type=int, default=64, help="prompts per shard (default: 64)")
+    io.add_argument("--overwrite", action="store_true", help="replace a dataset written with other parameters")
+    io.add_argument("--reward", metavar="MODULE:FUNC",
+                    help="reward(prompt, completion, **row) -> float; MODULE may be a .py path")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = p.add_argument_group("sampling (see rollserve.SamplingParams)")
+    s.add_argument("--n", type=int, default=_DEFAULTS.n, help="completions per prompt")
+    s.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
+    s.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    s.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
+    s.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
+    s.add_argument("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty)
+    s.add_argument("--presence-penalty", type=float, default=_DEFAULTS.presence_penalty)
+    s.add_argument("--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty)
+    s.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
+    s.add_argument("--min-tokens", type=int, default=_DEFAULTS.min_tokens)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--logprobs", type=int, default=None, help="0: store each sampled token's logprob")
+    s.add_argument("--seed", type=int, default=None, help="makes the dataset reproducible, resumed or not")
+    e = p.add_argument_group("engine (see rollserve.LLM)")
+    e.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    e.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache size in GiB")
+    e.add_argument("--max-model-len", type=int, default=None)
+    p.set_defaults(run=_run_generate)
+
+
+def _sampling_params(args) -> SamplingParams:
+    return SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.seed)
+
+
+def _run_generate(args) -> int:
+    from . import LLM
+    from .rollout import RewardError, generate_dataset, read_prompts
+
+    try:
+        params = _sampling_params(args)
+        reward_fn = load_callable(args.reward) if args.reward else None
+        prompts = read_prompts(args.prompts, args.prompt_field)
+        if args.kv_cache_gib <= 0:
+            raise ValueError(f"--kv-cache-gib={args.kv_cache_gib} is invalid: must be > 0")
+        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_gib * 1024**3),
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len)
+    except (ValueError, TypeError, OSError) as e:
+        return _fail(args, f"error: {e}", 2)
+    try:
+        summary = generate_dataset(
+            llm, prompts, params, args.out, reward_fn, batch_size=args.batch_size, chat=args.chat,
+            prompt_field=args.prompt_field, output_format=args.format, overwrite=args.overwrite,
+            use_tqdm=not args.no_progress, reward_name=args.reward)
+    except RewardError as e:
+        return _fail(args, f"stopped: {e}\nshards written so far are kept in {args.out}; rerun to resume", 1)
+    except (ValueError, TypeError, OSError) as e:
+        return _fail(args, f"error: {e}", 2)
+    except KeyboardInterrupt:
+        return _fail(args, f"interrupted; finished prompts are kept in {args.out}; rerun the same command to resume", 130)
+    print(summary)
+    return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    print(f"rollserve {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollserve", description="rollserve: the rollout engine for RL post-training")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Fixtures and helpers for the rollout-dataset tests (imported by the test modules: a second conftest.py
+would shadow tests/conftest.py, which other test modules import by name).
+
+- `tiny_model_dir`: a small random Llama saved with SmolLM2's tokenizer (so it reads text prompts and
+  runs in milliseconds per step): what the CLI subprocess tests load.
+- `run_cli`: runs `python -m rollserve.cli ...` from this checkout in a subprocess.
+- `one_thread` (autouse where imported): torch on one intra-op thread. On this 2-core machine shared
+  with other jobs, two-thread torch ops stall under contention (measured: SmolLM2 generate 18 s with
+  one thread, 115 s with two, load average 8); the CLI subprocesses get OMP_NUM_THREADS=1 likewise.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.5)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """`run_cli(*args, timeout=120)` -> CompletedProcess of `python -m rollserve.cli generate ...` (text output)."""
+
+    def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(cli_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "rollserve.cli", "generate", *map(str, args)]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with the test process and other jobs
+    return env

@@ -1,0 +1,135 @@
+"""Resume after SIGKILL through the CLI: the final dataset equals an uninterrupted run, row for row; a rerun
+with other parameters is refused and changes nothing."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from rollserve import LLM, SamplingParams
+from rollserve.cli import load_callable
+from rollserve.rollout import OutputDirError, generate_dataset
+
+from rollout_helpers import REPO, cli_command, cli_env, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
+
+NUM_PROMPTS = 24
+N = 2
+SLOW_REWARD = '''
+import time
+
+def slow_length(prompt, completion, topic):
+    time.sleep(0.05)  # makes the run last long enough to be killed in the middle
+    return float(len(completion)) + len(topic)
+'''
+
+
+PARAMS = dict(n=N, temperature=1.0, max_tokens=12, logprobs=0, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("resume")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me fact number {i} about rivers.", "topic": "rivers" * (i % 3)})
+                               + "\n" for i in range(NUM_PROMPTS)))
+    (root / "slow_rewards.py").write_text(SLOW_REWARD)
+    reward = f"{root / 'slow_rewards.py'}:slow_length"
+
+    def args(out, *extra):
+        sampling = [f"--{k.replace('_', '-')}={v}" for k, v in PARAMS.items()]
+        return ["--model", tiny_model_dir, "--prompts", prompts, "--out", out, *sampling, "--batch-size", 2,
+                "--max-num-seqs", 4, "--reward", reward, "--no-progress", *extra]
+
+    return root, args, reward
+
+
+@pytest.fixture(scope="module")
+def reference(job, tiny_model_dir):
+    """The uninterrupted run, in this process (default engine sizes: other batches than the CLI's)."""
+    root, _, reward = job
+    llm = LLM(tiny_model_dir)
+    summary = generate_dataset(llm, root / "prompts.jsonl", SamplingParams(**PARAMS), root / "reference",
+                               load_callable(reward), batch_size=2, use_tqdm=False, reward_name=reward)
+    assert summary.complete and summary.num_rows == NUM_PROMPTS * N
+    return llm, root / "reference"
+
+
+def _rows(out) -> list[dict]:
+    rows = [r for shard in _shards(out) for r in pq.read_table(shard).to_pylist()]
+    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
+
+
+def _shards(out) -> list:
+    return sorted(p for p in out.glob("train-*.parquet"))
+
+
+def _kill_after_first_shard(cmd, out, timeout: float = 120) -> int:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (out.is_dir() and _shards(out)):
+            assert proc.poll() is None, f"the run ended before its first shard:\n{proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "no shard appeared in time"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(job, reference, run_cli):
+    root, args, _ = job
+    out = root / "killed"
+    assert _kill_after_first_shard(cli_command(*args(out)), out) == -signal.SIGKILL
+    done_after_kill = {r["prompt_index"] for r in _rows(out)}
+    assert 0 < len(done_after_kill) < NUM_PROMPTS, "the kill must land between the first shard and the end"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+
+    resumed = run_cli(*args(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(done_after_kill)} resumed" in resumed.stdout
+    assert not list(out.glob(".*.tmp"))
+
+    got, want = _rows(out), _rows(reference[1])
+    keys = [(r["prompt_index"], r["sample_index"]) for r in got]
+    assert keys == [(i, j) for i in range(NUM_PROMPTS) for j in range(N)]  # each exactly once
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a["completion_token_ids"] == b["completion_token_ids"], (a["prompt_index"], a["sample_index"])
+        assert a["completion"] == b["completion"] and a["reward"] == b["reward"]
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and len(manifest["runs"]) == 2
+    assert manifest["counts"]["prompts_done"] == NUM_PROMPTS and manifest["counts"]["rows"] == NUM_PROMPTS * N
+
+
+def test_rerun_with_other_parameters_is_refused(job, reference):
+    root, _, reward = job
+    llm, out = reference
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    reward_fn = load_callable(reward)
+    changed = SamplingParams(**{**PARAMS, "temperature": 0.5})
+    with pytest.raises(OutputDirError, match=r"other parameters \(sampling_params: .*'temperature': 1\.0"):
+        generate_dataset(llm, root / "prompts.jsonl", changed, out, reward_fn, batch_size=2, use_tqdm=False,
+                         reward_name=reward)
+    with pytest.raises(OutputDirError, match=r"other parameters \(format: 'parquet' -> 'jsonl'\)"):
+        generate_dataset(llm, root / "prompts.jsonl", SamplingParams(**PARAMS), out, reward_fn, batch_size=2,
+                         use_tqdm=False, reward_name=reward, output_format="jsonl")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    again = generate_dataset(llm, root / "prompts.jsonl", SamplingParams(**PARAMS), out, reward_fn, batch_size=2,
+                             use_tqdm=False, reward_name=reward)  # same parameters: nothing left to do
+    assert again.num_prompts_generated == 0 and again.complete
+
+    short = SamplingParams(**{**PARAMS, "temperature": 0.5, "max_tokens": 4})
+    replaced = generate_dataset(llm, root / "prompts.jsonl", short, out, reward_fn, batch_size=2, use_tqdm=False,
+                                reward_name=reward, overwrite=True)
+    assert replaced.num_prompts_generated == NUM_PROMPTS
+    rows = _rows(out)
+    assert len(rows) == NUM_PROMPTS * N and max(len(r["completion_token_ids"]) for r in rows) <= 4
