@@ -99,6 +99,7 @@ def run_shm_engine(prefix, address, ready, results, stop):
 
 
 def run_dist_engine(port, results):
+    results.put("started")  # imports are done: the trainer's group timeout then measures only the join
     group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=1, world_size=2, timeout_s=30)
     DistributedReceiver(Recorder(results), group).serve_forever()
     results.put("closed")
@@ -271,6 +272,7 @@ def test_distributed_sync_is_bit_exact_and_survives_refused_and_aborted_updates(
     results = SPAWN.Queue()
     proc = SPAWN.Process(target=run_dist_engine, args=(port, results), daemon=True)
     proc.start()
+    assert results.get(timeout=120) == "started"
     group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=30)
     sender = DistributedSender(group, bucket_bytes=4096)
     named = mixed_tensors()
@@ -301,6 +303,7 @@ def test_distributed_engine_death_raises_quickly_not_hangs():
     results = SPAWN.Queue()
     proc = SPAWN.Process(target=run_dist_engine, args=(port, results), daemon=True)
     proc.start()
+    assert results.get(timeout=120) == "started"  # a loaded machine can take long to spawn it
     group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=10)
     sender = DistributedSender(group, bucket_bytes=4096)
     assert sender.send(mixed_tensors()) == 1
