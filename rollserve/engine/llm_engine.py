@@ -310,6 +310,17 @@ class LLMEngine:
         self.requests.clear()
         return outputs
 
+    def abort_request(self, request_id: str):
+        """Stops one request, frees its blocks; returns what it had (finish_reason "abort"), None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.live if isinstance(request, BeamRequest) else request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+        return request.output(self.detokenize)
+
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
 
