@@ -21,7 +21,6 @@ class _Conn:
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
-        self.server_id = None
         self.msg_id = None  # of the message in flight
 
 
@@ -52,35 +51,31 @@ class RemoteLLM:
         self._pool: list[_Conn] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._sender = None
+        self._sender_box = [None]  # the SharedMemorySender, made on first use (shared with the finalizer)
         self._sender_lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _close, self._pool, self._context, [None])
+        self._finalizer = weakref.finalize(self, _close, self._pool, self._context, self._sender_box)
 
     # -- connections ------------------------------------------------------------
     def _checkout(self) -> _Conn:
         with self._lock:
             if self._pool:
                 return self._pool.pop()
-        conn = _Conn(self._context, self.address)
-        try:
-            conn.server_id = self._roundtrip(conn, {"type": "hello"})["server_id"]
-        except BaseException:
-            conn.sock.close(linger=0)
-            raise
-        return conn
-
-    def _roundtrip(self, conn: _Conn, header: dict) -> dict:
-        return next(r for r in self._exchange(conn, header) if r["type"] in _TERMINAL)
+        return _Conn(self._context, self.address)
 
     def _exchange(self, conn: _Conn, header: dict, frames=()):
-        """Sends one message; yields every reply to it until a terminal one. Pings the server while it is silent."""
+        """Sends one message; yields every reply to it until a terminal one. Pings the server while it is silent.
+
+        The server answers each client's messages in order, and a message whose answer comes later (generate,
+        pause) is first acknowledged with the server's id; so a ping answered before the message is a lost
+        message, and a ping answered by another server id is a restarted server.
+        """
         msg_id = conn.msg_id = next(self._ids)
         header = {**header, "id": msg_id}
         if self.api_key is not None:
             header["api_key"] = self.api_key
         conn.sock.send_multipart([protocol.pack(header), *frames], copy=False)
         ping_every = min(1.0, self.timeout / 4)
-        last_heard, pings = time.monotonic(), set()
+        last_heard, pings, server_id = time.monotonic(), set(), None
         while True:
             if not conn.sock.poll(int(ping_every * 1000)):
                 silent = time.monotonic() - last_heard
@@ -94,14 +89,17 @@ class RemoteLLM:
             reply = protocol.unpack(conn.sock.recv())
             last_heard = time.monotonic()
             if reply.get("id") in pings:
-                if conn.server_id is not None and reply.get("server_id") != conn.server_id:
-                    raise ConnectionError(f"the rollserve server at {self.address} restarted while {header['type']!r} "
-                                          f"was in flight; the request was lost")
+                if server_id is None or reply.get("server_id") != server_id:
+                    raise ConnectionError(f"the rollserve server at {self.address} lost {header['type']!r} "
+                                          f"(it restarted, or the message never reached it); try again")
                 continue
             if reply.get("id") != msg_id:
                 continue  # a late answer to an abandoned call
             if reply["type"] == "error":
                 protocol.raise_error(reply, f"rollserve server at {self.address}")
+            if reply["type"] == "accepted":
+                server_id = reply["server_id"]
+                continue
             yield reply
             if reply["type"] in _TERMINAL:
                 return
@@ -203,14 +201,12 @@ class RemoteLLM:
         return self.info()["hostname"] == socket.gethostname()
 
     def _shm_sender(self):
-        if self._sender is None:
+        if self._sender_box[0] is None:
             from ..weight_sync.transports import SharedMemorySender
 
-            info = self.info()
-            address = info["weights"].replace("0.0.0.0", "127.0.0.1")
-            self._sender = SharedMemorySender(address, timeout_s=max(self.timeout, 60.0))
-            self._finalizer.args[2][0] = self._sender
-        return self._sender
+            address = self.info()["weights"].replace("0.0.0.0", "127.0.0.1")
+            self._sender_box[0] = SharedMemorySender(address, timeout_s=max(self.timeout, 60.0))
+        return self._sender_box[0]
 
     @property
     def weight_version(self) -> int:

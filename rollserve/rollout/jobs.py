@@ -10,6 +10,7 @@ longest stop string minus one, so a stop string is never streamed.
 import torch
 
 from . import protocol
+from ..outputs import BeamSearchOutput, CompletionOutput, RequestOutput
 from ..sampling_params import BeamSearchParams
 
 MAX_PROMPTS = 4096
@@ -78,6 +79,16 @@ class RequestEncoder:
             raise ValueError(f"conversations[{i}]: the chat template failed: {e}") from None
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return self.tokenizer.decode(ids), ids
+
+
+def unstarted_output(request_id: str, text, ids: list[int], params, weight_version: int):
+    """The output of a request aborted before it reached the engine: no tokens, finish_reason "abort"."""
+    if isinstance(params, BeamSearchParams):
+        return BeamSearchOutput(request_id, text, ids, [])
+    lp = [] if params.logprobs is not None else None
+    outs = [CompletionOutput(i, "", [], lp, 0.0 if lp is not None else None, "abort", weight_versions=[])
+            for i in range(params.n)]
+    return RequestOutput(request_id, text, ids, outs, weight_version)
 
 
 class Job:

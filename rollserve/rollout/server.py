@@ -27,7 +27,7 @@ import time
 import zmq
 
 from . import protocol
-from .jobs import Job, RequestEncoder
+from .jobs import Job, RequestEncoder, unstarted_output
 
 CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache"}
 PAUSE_MODES = ("wait", "abort", "keep")
@@ -61,7 +61,11 @@ class EngineServer:
         self._context = zmq.Context()
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(f"tcp://{host}:{zmq_port or '*'}")
+        try:
+            self._router.bind(f"tcp://{host}:{zmq_port or '*'}")
+        except zmq.ZMQError as e:
+            self._context.destroy(linger=0)
+            raise ValueError(f"cannot bind the ZMQ front to host={host!r} zmq_port={zmq_port}: {e}") from None
         self.zmq_address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._jobs: dict[tuple, Job] = {}  # (client key, message id) -> job
         self._by_request: dict[str, Job] = {}  # engine request id -> its job
@@ -232,6 +236,7 @@ class EngineServer:
 
     def _on_generate(self, header, frames, send, key):
         self.start_job(header, send, key)
+        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
 
     def _on_abort(self, header, frames, send, key):
         job = self._jobs.get((key, header.get("target")))
@@ -254,6 +259,7 @@ class EngineServer:
         return {}
 
     def _on_pause(self, header, frames, send, key):
+        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
         self.pause(header.get("mode", "wait"), lambda: send({"type": "reply", "id": header.get("id")}))
 
     def _on_resume(self, header, frames, send, key):
@@ -304,10 +310,15 @@ class EngineServer:
         self.counters["prompt_tokens"] += len(ids)
 
     def abort_job(self, job: Job) -> None:
+        """Ends every request of `job` (finish_reason "abort"), held ones included; the job is answered."""
         self._held = [(j, i) for j, i in self._held if j is not job]
         for index, rid in enumerate(job.request_ids):
-            out = self.llm.engine.abort_request(rid) if rid is not None else None
-            self._by_request.pop(rid, None)
+            if rid is None:  # held while paused: never reached the engine
+                rid = job.request_ids[index] = f"unstarted-{index}"
+                out = unstarted_output(rid, *job.requests[index], self.llm.weight_version)
+            else:
+                out = self.llm.engine.abort_request(rid)
+                self._by_request.pop(rid, None)
             if out is not None:
                 self._finished(job, out)
         self._jobs.pop(job.key, None)
@@ -365,7 +376,7 @@ class EngineServer:
             self._http.should_exit = True
         self.receiver.stop()
         self._receiver_thread.join(timeout=5)
-        self._router.close(linger=0)
+        self._router.close(linger=500)  # let the shutdown errors reach the clients
         self._context.term()
         os.close(self._wake_r)
         os.close(self._wake_w)
