@@ -314,22 +314,50 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix + "-")]
 
 
-def test_pause_keep_resumes_in_flight_sequences_with_new_weights(server, remote):
+def test_pause_modes_keep_wait_abort(server, remote):
     from rollserve import SamplingParams
 
     version = remote.weight_version
     stream = remote.stream([3, 4, 5], SamplingParams(max_tokens=60, seed=1))
     first = next(stream)
     remote.pause("keep")
-    assert remote.health()["paused"] is True
+    frozen = remote.stats()["generation_tokens"]
+    time.sleep(0.5)
+    assert remote.stats()["generation_tokens"] == frozen and remote.health()["paused"] is True
     assert remote.update_weights([("model.norm.weight", torch.full((64,), 1.5))]) == version + 1
     remote.resume()
     versions = list(first.outputs[0].weight_versions)
     for d in stream:
         versions += d.outputs[0].weight_versions
     assert len(versions) == 60 and versions[0] == version and versions[-1] == version + 1
-    assert versions == sorted(versions)
+    assert versions == sorted(versions)  # frozen sequences continued, on the new weights
     remote.update_weights([("model.norm.weight", torch.ones(64))])  # the saved model's norm weights
+
+    results = []
+    running = threading.Thread(target=lambda: results.append(
+        remote.generate([[9, 9, 9]], SamplingParams(max_tokens=40, ignore_eos=True))[0]))
+    running.start()
+    while remote.stats()["num_running"] == 0 and running.is_alive():
+        time.sleep(0.02)
+    remote.pause("wait")  # returns once the request in flight is done
+    running.join(timeout=5)
+    assert len(results[0].outputs[0].token_ids) == 40 and results[0].outputs[0].finish_reason == "length"
+    held = threading.Thread(target=lambda: results.append(
+        remote.generate([[8, 8]], SamplingParams(max_tokens=5))[0]))
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive() and remote.stats()["num_waiting"] == 1  # admitted on resume only
+    remote.resume()
+    held.join(timeout=30)
+    assert len(results[1].outputs[0].token_ids) == 5
+
+    stream = remote.stream([7, 7, 7], SamplingParams(max_tokens=400, ignore_eos=True))
+    next(stream)
+    remote.pause("abort")
+    tail = list(stream)
+    assert tail[-1].outputs[0].finish_reason == "abort"
+    remote.resume()
+    assert remote.health()["paused"] is False
 
 
 def test_killed_server_fails_clients_within_timeout_and_restart_serves_them(tiny_folder):
