@@ -245,6 +245,7 @@ class RemoteLLM:
         return self._simple({"type": "hello"})
 
     def close(self) -> None:
+        """Closes every socket; calls still in flight on other threads fail."""
         self._finalizer()
 
     def __enter__(self):
@@ -257,10 +258,8 @@ class RemoteLLM:
 def _close(pool: list, context, sender: list) -> None:
     if sender[0] is not None:
         sender[0].close()
-    for conn in pool:
-        conn.sock.close(linger=0)
     pool.clear()
-    context.term()
+    context.destroy(linger=0)  # also closes sockets still checked out (an unfinished stream): term() would hang
 
 
 def _normalize_prompts(prompts) -> list:

@@ -258,6 +258,11 @@ def test_malformed_messages_get_errors_and_the_server_keeps_serving(server, remo
         assert reply["type"] == "error", reply
         assert re.search(expected, reply["message"]), reply
     assert remote.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].finish_reason == "length"
+    from rollserve import LLM
+
+    if not hasattr(LLM, "sleep"):  # the server says so instead of failing obscurely
+        with pytest.raises(NotImplementedError, match="sleep"):
+            remote.sleep(1)
 
 
 def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
