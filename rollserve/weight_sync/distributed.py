@@ -22,7 +22,7 @@ from .shm import DEFAULT_BUCKET_BYTES
 from .wire import (align, bucket_entries, check_positive, check_update_args, error_record, plan_buckets,
                    read_bucket, remote_error, write_bucket)
 
-STATUS_BYTES = 4096
+STATUS_BYTES = 1 << 16  # one status record per rank, a refused update's problem list included
 
 
 def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: float = 1800.0):

@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from .updater import WeightUpdateError
+
 ALIGN = 64
 _DTYPE_NAME = re.compile(r"[a-z0-9_]+")
 
@@ -102,11 +104,21 @@ def read_bucket(bucket: torch.Tensor, entries, base: int = 0) -> list[tuple[str,
 def error_record(exc: Exception) -> dict:
     """An engine-side exception as a msgpack-able reply: type, nearest ValueError/TypeError, message."""
     kind = next((k.__name__ for k in type(exc).__mro__ if k in (ValueError, TypeError)), "RuntimeError")
-    return {"ok": False, "error": type(exc).__name__, "kind": kind, "message": str(exc) or repr(exc)}
+    record = {"ok": False, "error": type(exc).__name__, "kind": kind, "message": str(exc) or repr(exc)}
+    if isinstance(exc, WeightUpdateError):
+        record["problems"] = exc.problems
+    return record
 
 
 def remote_error(record: dict, where: str) -> Exception:
-    """The exception a sender raises for an engine's error record."""
+    """The exception a sender raises for an engine's error record: a refused update raises the same
+    `WeightUpdateError` (same `problems`, same message) as `LLM.update_weights` in process."""
+    problems = record.get("problems")
+    if record.get("error") == "WeightUpdateError" and isinstance(problems, dict):
+        exc = WeightUpdateError(problems)
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"raised by the {where}")
+        return exc
     kind = {"ValueError": ValueError, "TypeError": TypeError}.get(record.get("kind"), RuntimeError)
     return kind(f"{where}: {record.get('error')}: {record.get('message')}")
 

@@ -3,7 +3,9 @@
 The wire tests use a recording target in the engine process (it hashes every
 tensor it is handed and refuses names starting with "refuse"), so they check
 the transport alone: what `update_weights` receives is bit-equal to what was
-sent. The end-to-end tests sync SmolLM2-135M into a real `LLM` in another process.
+sent. The end-to-end tests sync the real SmolLM2-135M-Instruct weights (fp32, each
+tensor perturbed by seeded noise so the engine's weights change) into a real
+`LLM` serving in another process.
 """
 
 import hashlib
@@ -19,6 +21,7 @@ import pytest
 import torch
 import zmq
 
+from rollserve.weight_sync import WeightUpdateError, weights_fingerprint
 from rollserve.weight_sync.transports import (DistributedReceiver, DistributedSender, InProcessSender,
                                               SharedMemoryReceiver, SharedMemorySender, weight_sync_group)
 
@@ -332,3 +335,117 @@ def test_in_process_sender_hands_tensors_over():
     assert results.get_nowait() == {"version": 4, "tensors": expected(named)}
     with pytest.raises(TypeError, match="update_weights"):
         InProcessSender(object())
+
+
+# -- end to end: SmolLM2-135M into an LLM in another process ------------------------------------
+E2E_BUCKET = 64 << 20  # SmolLM2 fp32 (538 MB) then travels in 9 buckets
+
+
+def run_llm_engine(kind, path, group_address, commands, replies):
+    """An engine process: `LLM(SmolLM2)` behind a receiver; answers "state" with its version, fingerprint
+    and a greedy completion (so it is seen serving), "receive" (distributed) by taking part in one sync."""
+    from rollserve import LLM, SamplingParams
+
+    llm = LLM(path, kv_cache_memory=1 << 24)
+
+    def state():
+        out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+        return {"version": llm.weight_version, "fingerprint": llm.weights_fingerprint(),
+                "greedy": out.outputs[0].token_ids, "output_version": out.weight_version}
+
+    if kind == "shm":
+        with SharedMemoryReceiver(llm) as receiver:
+            replies.put(receiver.address)
+            while True:
+                receiver.poll(0.05)
+                if not commands.empty():
+                    if commands.get() == "stop":
+                        return
+                    replies.put(state())
+    receiver = DistributedReceiver(llm, weight_sync_group(group_address, rank=1, world_size=2, timeout_s=120))
+    replies.put("ready")
+    while (command := commands.get()) != "stop":
+        if command == "state":
+            replies.put(state())
+            continue
+        try:
+            replies.put(receiver.receive())
+        except ValueError as e:
+            replies.put(f"refused: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_updates(smollm2_path):
+    """Two good full updates of SmolLM2 (every weight scaled, so every tensor changes) with their fingerprints,
+    and two bad ones: a NaN in the last tensor, an unknown name at the end."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    good, good2 = ([(n, p.detach() * scale) for n, p in model.named_parameters()] for scale in (1.001, 0.999))
+    # The bad updates carry good2's values, so an engine that applied any part of them would show it.
+    nan_last = good2[:-1] + [(good2[-1][0], torch.full_like(good2[-1][1], float("nan")))]
+    unknown = good2 + [("model.layers.99.mlp.up_proj.weight", torch.ones(4, 4))]
+    return {"good": good, "good2": good2, "fingerprints": (weights_fingerprint(good), weights_fingerprint(good2)),
+            "bad": [(nan_last, "non-finite values"), (unknown, "unknown names")]}
+
+
+def check_end_to_end(send, state, updates, bad):
+    assert send(updates["good"], version=3, require_all=True) == 3
+    after = state()
+    assert after["fingerprint"] == updates["fingerprints"][0], "bit-equal to the trainer's weights"
+    assert after["version"] == after["output_version"] == 3 and len(after["greedy"]) == 4
+    for update, problem in bad:
+        with pytest.raises(WeightUpdateError, match=problem) as refused:
+            send(update, version=4)
+        assert refused.value.problems
+        assert state() == after, "a refused update changes nothing and the engine keeps serving"
+    assert send(updates["good2"]) == 4
+    final = state()
+    assert final["fingerprint"] == updates["fingerprints"][1] and final["version"] == final["output_version"] == 4
+
+
+def test_shm_end_to_end_smollm2(smollm2_path, smollm2_updates):
+    commands, replies = SPAWN.Queue(), SPAWN.Queue()
+    proc = SPAWN.Process(target=run_llm_engine, args=("shm", smollm2_path, None, commands, replies), daemon=True)
+    proc.start()
+    address = replies.get(timeout=120)
+
+    def state():
+        commands.put("state")
+        return replies.get(timeout=120)
+
+    with SharedMemorySender(address, bucket_bytes=E2E_BUCKET, timeout_s=120) as sender:
+        check_end_to_end(sender.send, state, smollm2_updates, smollm2_updates["bad"])
+        prefix = sender._prefix
+    assert segments(prefix) == []
+    commands.put("stop")
+    proc.join(30)
+    assert proc.exitcode == 0 and segments(prefix) == []
+
+
+def test_distributed_end_to_end_smollm2(smollm2_path, smollm2_updates):
+    port = free_port()
+    commands, replies = SPAWN.Queue(), SPAWN.Queue()
+    proc = SPAWN.Process(target=run_llm_engine, args=("dist", smollm2_path, f"tcp://127.0.0.1:{port}", commands,
+                                                      replies), daemon=True)
+    proc.start()
+    group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=120)
+    assert replies.get(timeout=120) == "ready"
+    sender = DistributedSender(group, bucket_bytes=E2E_BUCKET)
+
+    def send(named, **kwargs):
+        commands.put("receive")
+        try:
+            return sender.send(named, **kwargs)
+        finally:
+            reply = replies.get(timeout=120)
+            assert reply == kwargs.get("version", reply) or str(reply).startswith("refused")
+
+    def state():
+        commands.put("state")
+        return replies.get(timeout=120)
+
+    check_end_to_end(send, state, smollm2_updates, smollm2_updates["bad"][:1])
+    commands.put("stop")
+    proc.join(30)
+    assert proc.exitcode == 0
