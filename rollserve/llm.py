@@ -1,6 +1,8 @@
 """`LLM`: the in-process engine users call."""
 
+from contextlib import contextmanager
 from itertools import count
+import threading
 import time
 
 from .config import EngineConfig, resolve_dtype
@@ -8,6 +10,7 @@ from .engine.llm_engine import LLMEngine
 from .model_loader import load_model
 from .outputs import BeamSearchOutput, RequestOutput
 from .sampling_params import BeamSearchParams, SamplingParams
+from .weight_sync import updater
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -43,6 +46,8 @@ class LLM:
         self.engine = LLMEngine(self.model, config, _eos_ids(self.model, self.tokenizer), self.max_model_len,
                                 self._detokenize)
         self._request_ids = count()
+        self._step_lock = threading.Lock()  # held around each engine step and each weight update
+        self._update_gate = threading.Lock()  # a waiting update holds it, so the step loop cannot starve it
 
     @staticmethod
     def _load_tokenizer(tokenizer, source):
@@ -73,6 +78,52 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix block (blocks in use stay valid)."""
         self.engine.reset_prefix_cache()
+
+    # -- weights ------------------------------------------------------------
+    @contextmanager
+    def _engine_turn(self):
+        with self._update_gate:
+            self._step_lock.acquire()
+        try:
+            yield
+        finally:
+            self._step_lock.release()
+
+    def update_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
+        """Copies new weights into the engine in place; returns the new weight version.
+
+        `named_tensors`: `(name, tensor)` pairs (or a mapping) of full tensors, e.g.
+        `trainer_model.named_parameters()` or `rollserve.weight_sync.sources.iter_named_weights(...)`.
+        Wrapper prefixes (`module.`, `_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`,
+        `base_model.model.`, `.base_layer`, `modules_to_save.default.`) are stripped; either
+        name of tied weights is accepted. Everything is checked before anything is written:
+        unknown or repeated names, wrong shapes, non-floating dtypes, non-finite values (also
+        after the cast to the engine dtype), an iterable that raises, and with `require_all`
+        any parameter not given. A bad update raises `WeightUpdateError` (a `ValueError`)
+        listing the offending names and changes nothing. Tensors already in the engine's
+        dtype and device are read in place, so they must not change until this returns.
+
+        `version` must be an int greater than `weight_version` (default: +1). Called
+        from another thread while `generate` runs, the update waits for the current
+        engine step and applies between steps; sequences in flight continue with the
+        new weights. The prefix cache is dropped, blocks in use included.
+        """
+        new_version = updater.next_version(self.weight_version, version)
+        staged = updater.stage_update(self.model, named_tensors, require_all)
+        with self._update_gate, self._step_lock:
+            new_version = updater.next_version(self.weight_version, version)  # another update may have won
+            staged.apply()
+            self.engine.weights_updated(new_version)
+        return new_version
+
+    def weights_fingerprint(self) -> str:
+        """Hash of every parameter's name, shape, dtype and bytes.
+
+        Compare with `rollserve.weight_sync.weights_fingerprint(trainer_model.named_parameters(),
+        dtype=...)`; equal values mean bit-equal weights. Steps wait while it runs.
+        """
+        with self._update_gate, self._step_lock:
+            return updater.weights_fingerprint(self.model.named_parameters())
 
     # -- inputs -------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list:
@@ -152,7 +203,9 @@ class LLM:
         start, tokens0 = time.perf_counter(), self.engine.stats.num_generated_tokens
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                with self._engine_turn():
+                    outs = self.engine.step()
+                for out in outs:
                     results[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
@@ -160,7 +213,8 @@ class LLM:
                     rate = (self.engine.stats.num_generated_tokens - tokens0) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
         except BaseException:
-            self.engine.abort_all()
+            with self._engine_turn():
+                self.engine.abort_all()
             raise
         finally:
             if bar is not None:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "prev_block")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "prev_block", "stale")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -19,6 +19,7 @@ class Block:
         self.hash: int | None = None
         self.token_ids: tuple[int, ...] | None = None
         self.prev_block: int | None = None
+        self.stale = False  # holds KV written before the last reset_prefix_cache: never cache it
 
 
 class BlockManager:
@@ -79,6 +80,8 @@ class BlockManager:
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             prev = self.blocks[seq.block_table[i - 1]].hash if i else None
+            if block.stale or (i and prev is None):
+                break  # its KV, or its prefix's, predates the last reset
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block.hash = self._chain_hash(prev, tokens)
             block.token_ids = tokens
@@ -87,7 +90,13 @@ class BlockManager:
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
     def reset_prefix_cache(self) -> None:
+        """Nothing computed so far is findable again, including blocks that running sequences still hold."""
         self.cached.clear()
+        for block in self.blocks:
+            if block.ref_count == 0 and block.hash is not None:
+                self.free.move_to_end(block.block_id, last=False)  # no longer findable: reuse it first
+            block.hash, block.token_ids, block.prev_block = None, None, None
+            block.stale = block.ref_count > 0
 
     # -- allocation ---------------------------------------------------------
     def _allocate(self) -> int:
@@ -96,6 +105,7 @@ class BlockManager:
         if block.hash is not None and self.cached.get(block.hash) is block:
             del self.cached[block.hash]
         block.hash, block.token_ids, block.prev_block, block.ref_count = None, None, None, 1
+        block.stale = False
         return block_id
 
     def _needs_copy_on_write(self, seq) -> bool:
@@ -116,6 +126,7 @@ class BlockManager:
             idx = seq.num_computed_tokens // self.block_size
             old = seq.block_table[idx]
             new = self._allocate()
+            self.blocks[new].stale = self.blocks[old].stale  # the copy carries the old block's KV
             self._release(old)
             seq.block_table[idx] = new
             copies.append((old, new))

@@ -312,3 +312,8 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
+
+    def weights_updated(self, version: int) -> None:
+        """New weights are in place: KV computed with the old ones must never be found again."""
+        self.block_manager.reset_prefix_cache()
+        self.weight_version = version

@@ -610,3 +610,90 @@ def test_hash_collision_with_equal_block_tokens_at_another_position_is_not_a_fal
     assert bm.attach_cached_prefix(b) == BS
     assert b.block_table == a.block_table[:1]
     check_invariants(bm, [a, b])
+
+
+# -- reset while sequences run (weight updates) ------------------------------------
+
+
+def test_reset_makes_blocks_in_use_unfindable_forever():
+    """A running sequence's KV predates the reset: neither its old blocks nor the ones it fills later are cached."""
+    bm = BlockManager(8, BS)
+    s = make_seq(ids(0) + ids(10, 2))  # block 0 full, block 1 half computed before the reset
+    compute(bm, s)
+    bm.reset_prefix_cache()
+    assert bm.cached == {} and all(b.hash is None for b in bm.blocks)
+    s.token_ids.extend(ids(12, 2) + [1])  # completes block 1 (with stale KV), starts block 2
+    compute(bm, s)
+    assert bm.cached == {}
+    bm.free_blocks(s)
+    assert bm.cached == {}
+    # A fresh request recomputes the prefix; the stale block ids it may recycle must not complete a chain.
+    r = make_seq(ids(0) + ids(10) + [2], request_id="r")
+    assert bm.attach_cached_prefix(r) == 0
+    compute(bm, r)
+    q = make_seq(ids(0) + ids(10) + [3], request_id="q")
+    assert bm.attach_cached_prefix(q) == 2 * BS
+    assert q.block_table == r.block_table[:2]
+    assert all(not bm.blocks[b].stale for b in q.block_table)
+    check_invariants(bm, [r, q])
+
+
+def test_reset_with_a_recycled_block_id_is_not_a_false_hit():
+    """Before the fix: the stale block 1 stayed cached, and once block 0's id was recycled for the
+    same tokens (fresh KV) the chain check passed and a new request got the stale KV."""
+    bm = BlockManager(6, BS)
+    s = make_seq(ids(0) + ids(10, 2))
+    compute(bm, s)
+    s1 = s.block_table[1]
+    bm.reset_prefix_cache()
+    s.token_ids.extend(ids(12, 2) + [1])
+    compute(bm, s)
+    bm.free_blocks(s)
+    r = make_seq(ids(0) + [5], request_id="r")  # recomputes block 0's tokens, likely in a recycled block
+    compute(bm, r)
+    q = make_seq(ids(0) + ids(10) + [3], request_id="q")
+    hit = bm.attach_cached_prefix(q)
+    assert hit == BS and q.block_table == r.block_table[:1]
+    assert s1 not in q.block_table
+
+
+def test_reset_during_chunked_prefill_does_not_cache_the_mixed_block():
+    bm = BlockManager(8, BS)
+    s = make_seq(ids(0) + ids(10) + [1])
+    compute(bm, s, 2)  # half of block 0 before the reset
+    bm.reset_prefix_cache()
+    compute(bm, s, 2 + BS)  # rest of block 0 and all of block 1 after it
+    assert bm.cached == {}
+    # a sequence admitted after the reset caches as usual
+    t = make_seq(ids(0) + ids(10) + [1], request_id="t")
+    compute(bm, t)
+    assert len(bm.cached) == 2 and all(blk.block_id in t.block_table for blk in bm.cached.values())
+    check_invariants(bm, [s, t])
+
+
+def test_copy_on_write_of_a_stale_block_stays_stale():
+    bm = BlockManager(8, BS)
+    parent = make_seq(ids(0, 2), num_samples=2)
+    compute(bm, parent)
+    child = fork(bm, parent)
+    bm.reset_prefix_cache()
+    parent.token_ids.extend([7, 8])
+    copies = compute(bm, parent)  # copies the shared, stale partial block, then fills it
+    assert len(copies) == 1 and bm.blocks[copies[0][1]].stale
+    assert bm.cached == {}
+    child.token_ids.extend([7, 8])
+    compute(bm, child)
+    assert bm.cached == {}
+    check_invariants(bm, [parent, child])
+
+
+def test_reset_moves_freed_cached_blocks_to_the_front():
+    bm = BlockManager(6, BS)
+    a = make_seq(range(9))
+    compute(bm, a)
+    full = a.block_table[:2]
+    bm.free_blocks(a)
+    assert list(bm.free)[-2:] == full[::-1]
+    bm.reset_prefix_cache()
+    assert set(list(bm.free)[:2]) == set(full)
+    check_invariants(bm, [])
