@@ -39,7 +39,6 @@ class LLM:
         config = EngineConfig(block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               enable_prefix_caching, max_model_len, seed)
         self.model, tokenizer_source = load_model(model, resolve_dtype(dtype))
-        self._owns_weights = self.model is not model
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_source)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -140,15 +139,15 @@ class LLM:
         """Frees memory while a colocated trainer steps; `wake_up()` restores it.
 
         `level=1` frees the KV cache (cached prefixes are forgotten). `level=2` also moves
-        the weights the engine owns to host memory (a no-op for weights already there);
-        weights it shares with a trainer (`LLM(trainer_model)` in place) never move.
-        Requests may not be in flight; `generate` raises until `wake_up()`.
+        the engine's weights to host memory (a no-op where they already are; an engine that
+        runs on a trainer's module in place should use level 1, or the trainer's weights
+        move too). Requests may not be in flight; `generate` raises until `wake_up()`.
         """
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"level={level!r} is invalid: must be 1 (KV cache) or 2 (KV cache and owned weights)")
         with self._update_gate, self._step_lock:
             self.engine.sleep()
-            if level == 2 and self._owns_weights:
+            if level == 2:
                 self._move_weights("cpu")
 
     def wake_up(self) -> None:
