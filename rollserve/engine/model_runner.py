@@ -32,12 +32,14 @@ def _paged_attention(configs: list):
 
 @contextmanager
 def _eval_mode(model):
-    """Generation never sees train-mode behaviour (dropout, checkpointing) of a module the trainer is training."""
+    """Generation never sees a trainer's train-mode behaviour (dropout, checkpointing) or its autocast."""
     training = [m for m in model.modules() if m.training]
+    device = next(model.parameters()).device.type
     try:
         for m in training:
             m.training = False
-        yield
+        with torch.autocast(device, enabled=False):  # the KV cache holds the model's dtype
+            yield
     finally:
         for m in training:
             m.training = True
