@@ -328,3 +328,17 @@ class LLMEngine:
         """New weights are in place: KV computed with the old ones must never be found again."""
         self.block_manager.reset_prefix_cache()
         self.weight_version = version
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.kv_cache is None
+
+    def sleep(self) -> None:
+        """Frees the KV cache; cached prefixes are forgotten with it. Nothing may be in flight."""
+        if self.requests:
+            raise RuntimeError(f"sleep() with {len(self.requests)} requests in flight; wait for them or abort them")
+        self.block_manager.reset_prefix_cache()
+        self.runner.release_kv_cache()
+
+    def wake_up(self) -> None:
+        self.runner.allocate_kv_cache()
