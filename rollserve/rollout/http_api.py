@@ -194,8 +194,8 @@ def build_app(server) -> FastAPI:
 
     routes = {"pause": pause, "resume": on_core(lambda body: server.resume()),
               "reset_prefix_cache": on_core(lambda body: server.llm.reset_prefix_cache()),
-              "sleep": on_core(lambda body: server.llm_method("sleep")(body.get("level", 1))),
-              "wake_up": on_core(lambda body: server.llm_method("wake_up")())}
+              "sleep": on_core(lambda body: server.sleep(body.get("level", 1))),
+              "wake_up": on_core(lambda body: server.wake_up())}
     for name, fn in routes.items():
         app.add_api_route(f"/control/{name}", _endpoint(control, fn), methods=["POST"])
     return app

@@ -71,7 +71,7 @@ class EngineServer:
         self._by_request: dict[str, Job] = {}  # engine request id -> its job
         self._held: list[tuple[Job, int]] = []  # (job, prompt index) waiting for resume
         self._pause_waiters: list = []
-        self.paused, self.draining, self._running = False, False, True
+        self.paused, self.draining, self.asleep, self._running = False, False, False, True
         self._next_request = 0
         self.counters = {"requests_ok": 0, "requests_aborted": 0, "requests_rejected": 0, "prompt_tokens": 0}
         self.receiver = self._start_receiver(host, weights_port, shm_prefix)
@@ -144,7 +144,7 @@ class EngineServer:
             self._shutdown()
 
     def _can_step(self) -> bool:
-        return (not self.paused) and self.llm.engine.has_unfinished_requests()
+        return not (self.paused or self.asleep) and self.llm.engine.has_unfinished_requests()
 
     def _run_inbox(self) -> None:
         while True:
@@ -228,7 +228,7 @@ class EngineServer:
         return {"server_id": self.server_id}
 
     def _on_health(self, header, frames, send, key):
-        return {"status": "ok", "server_id": self.server_id, "paused": self.paused,
+        return {"status": "ok", "server_id": self.server_id, "paused": self.paused, "asleep": self.asleep,
                 "weight_version": self.llm.weight_version}
 
     def _on_stats(self, header, frames, send, key):
@@ -267,11 +267,11 @@ class EngineServer:
         return {}
 
     def _on_sleep(self, header, frames, send, key):
-        self.llm_method("sleep")(header.get("level", 1))
+        self.sleep(header.get("level", 1))
         return {}
 
     def _on_wake_up(self, header, frames, send, key):
-        self.llm_method("wake_up")()
+        self.wake_up()
         return {}
 
     def llm_method(self, name: str):
@@ -294,7 +294,7 @@ class EngineServer:
         job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")), self.llm)
         self._jobs[job_key] = job
         for index in range(len(requests)):
-            if self.paused or self.draining:
+            if self.paused or self.draining or self.asleep:
                 self._held.append((job, index))
             else:
                 self._admit(job, index)
@@ -345,9 +345,30 @@ class EngineServer:
 
     def resume(self) -> None:
         self.paused = self.draining = False
+        self._admit_held()
+
+    def _admit_held(self) -> None:
+        if self.asleep:
+            return
         held, self._held = self._held, []
         for job, index in held:
             self._admit(job, index)
+
+    # -- sleep / wake up ----------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Frees the KV cache (level 2: also the weights, to host memory); requests that come meanwhile wait."""
+        sleep = self.llm_method("sleep")
+        if self.llm.engine.has_unfinished_requests():
+            raise ValueError(f"sleep needs an idle engine, {len(self.llm.engine.requests)} requests are in flight: "
+                             f"pause('wait') or pause('abort') first")
+        sleep(level)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.llm_method("wake_up")()
+        self.asleep = False
+        if not (self.paused or self.draining):
+            self._admit_held()
 
     # -- metrics ----------------------------------------------------------------
     def stats(self) -> dict:
@@ -359,7 +380,7 @@ class EngineServer:
                 "num_waiting": len(sched.waiting) + len(self._held),
                 "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
                 "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
-                "weight_version": self.llm.weight_version, "paused": self.paused}
+                "weight_version": self.llm.weight_version, "paused": self.paused, "asleep": self.asleep}
 
     # -- shutdown -----------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -387,6 +408,12 @@ HANDLERS = {name.removeprefix("_on_") for name in dir(EngineServer) if name.star
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.")
+    add_arguments(ap)
+    return ap
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The `serve` options, on `ap` (a standalone parser or a `rollserve serve` subparser)."""
     ap.add_argument("--model", required=True, help="HF folder or .gguf file")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     ap.add_argument("--dtype", default="auto")
@@ -405,11 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    return ap
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Loads the model, serves until SIGTERM/SIGINT, cleans up."""
     from ..llm import LLM
 
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}

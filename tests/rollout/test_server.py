@@ -102,6 +102,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def _same(a, b) -> None:
     assert a.prompt_token_ids == b.prompt_token_ids
     assert len(a.outputs) == len(b.outputs)
@@ -258,11 +265,27 @@ def test_malformed_messages_get_errors_and_the_server_keeps_serving(server, remo
         assert reply["type"] == "error", reply
         assert re.search(expected, reply["message"]), reply
     assert remote.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].finish_reason == "length"
-    from rollserve import LLM
 
-    if not hasattr(LLM, "sleep"):  # the server says so instead of failing obscurely
-        with pytest.raises(NotImplementedError, match="sleep"):
-            remote.sleep(1)
+
+def test_sleep_holds_requests_until_wake_up(server, remote):
+    from rollserve import SamplingParams
+
+    stream = remote.stream([3, 4], SamplingParams(max_tokens=200, ignore_eos=True))
+    next(stream)
+    with pytest.raises(ValueError, match="sleep needs an idle engine"):
+        remote.sleep(1)
+    stream.close()  # aborts it
+    while remote.stats()["num_running"]:
+        time.sleep(0.02)
+    remote.sleep(1)
+    results = []
+    held = threading.Thread(target=lambda: results.append(remote.generate([[5, 6]], SamplingParams(max_tokens=4))))
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive() and remote.health()["asleep"] is True
+    remote.wake_up()
+    held.join(timeout=30)
+    assert len(results[0][0].outputs[0].token_ids) == 4 and remote.health()["asleep"] is False
 
 
 def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
@@ -290,12 +313,13 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    _wait_for(lambda: len(outputs) >= 16 or errors)  # some requests finished on the old weights
     with torch.no_grad():
         for p in trainer.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     version = r.update_weights(trainer.named_parameters(), version=start + 5)
-    time.sleep(2)
+    done_before = len(outputs)
+    _wait_for(lambda: len(outputs) >= done_before + 32 or errors)  # in flight across the update, then after it
     stop.set()
     for t in threads:
         t.join(timeout=120)
