@@ -23,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 
 import zmq
 
@@ -137,7 +138,10 @@ class EngineServer:
                 self._read_router()
                 self._run_inbox()
                 if self._can_step():
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as e:  # an engine failure: end what was in flight, keep serving
+                        self._engine_failed(e)
                 elif self.draining and not self.llm.engine.has_unfinished_requests():
                     self._paused_now()
         finally:
@@ -165,6 +169,15 @@ class EngineServer:
                 self._finished(job, out)
         for job in {id(j): j for j in self._by_request.values() if j.stream}.values():
             job.send_deltas(self.llm.engine.requests)
+
+    def _engine_failed(self, exc: Exception) -> None:
+        traceback.print_exc()
+        self.llm.engine.abort_all()
+        failed = {id(job): job for job in self._by_request.values()}
+        self._by_request.clear()
+        for job in failed.values():
+            job.fail(RuntimeError(f"the engine failed while this request ran: {type(exc).__name__}: {exc}"))
+            self._jobs.pop(job.key, None)
 
     def _finished(self, job: Job, out) -> None:
         aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out, "outputs", ()))
