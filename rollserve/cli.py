@@ -126,10 +126,27 @@ def _fail(args, message: str, code: int) -> int:
     return code
 
 
+def _add_serve(subparsers) -> None:
+    from .rollout import server
+
+    p = subparsers.add_parser("serve", help="run an engine in its own process: ZMQ (RemoteLLM) and OpenAI HTTP fronts",
+                              description="Serve a model until SIGTERM/SIGINT; prints one 'ROLLSERVE READY {json}' line.")
+    server.add_arguments(p)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .rollout import server
+
+    server.run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollserve", description="rollserve: the rollout engine for RL post-training")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

@@ -5,6 +5,8 @@ from itertools import count
 import threading
 import time
 
+import torch
+
 from .config import EngineConfig, resolve_dtype
 from .engine.llm_engine import LLMEngine
 from .model_loader import load_model
@@ -116,6 +118,53 @@ class LLM:
             self.engine.weights_updated(new_version)
         return new_version
 
+    def advance_weight_version(self, version: int | None = None) -> int:
+        """Records that the weights changed in place without `update_weights`; returns the new version.
+
+        For an engine that runs on the trainer's own parameter storage (`LLM(trainer_model)`):
+        after an optimizer step nothing needs copying, but tokens must carry a new version and
+        KV computed with the old weights must never be reused. `version` as in `update_weights`.
+        """
+        with self._update_gate, self._step_lock:
+            new_version = updater.next_version(self.weight_version, version)
+            self.engine.weights_updated(new_version)
+        return new_version
+
+    # -- colocation memory --------------------------------------------------
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees memory while a colocated trainer steps; `wake_up()` restores it.
+
+        `level=1` frees the KV cache (cached prefixes are forgotten). `level=2` also moves
+        the engine's weights to host memory (a no-op where they already are; an engine that
+        runs on a trainer's module in place should use level 1, or the trainer's weights
+        move too). Requests may not be in flight; `generate` raises until `wake_up()`.
+        """
+        if level not in (1, 2) or isinstance(level, bool):
+            raise ValueError(f"level={level!r} is invalid: must be 1 (KV cache) or 2 (KV cache and owned weights)")
+        with self._update_gate, self._step_lock:
+            self.engine.sleep()
+            if level == 2:
+                self._move_weights("cpu")
+
+    def wake_up(self) -> None:
+        """Restores what `sleep()` freed (a fresh, empty KV cache); a no-op when awake."""
+        with self._update_gate, self._step_lock:
+            self._move_weights(self.engine.runner.device)
+            self.engine.wake_up()
+
+    def _check_awake(self) -> None:
+        if self.engine.is_sleeping:
+            raise RuntimeError("the engine is asleep (LLM.sleep() freed its KV cache): call LLM.wake_up() first")
+
+    def _move_weights(self, device) -> None:
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device != torch.device(device):
+                t.data = t.data.to(device)
+
     def weights_fingerprint(self) -> str:
         """Hash of every parameter's name, shape, dtype and bytes.
 
@@ -156,6 +205,7 @@ class LLM:
 
         Every prompt is checked before any is queued: a bad one raises `ValueError` and nothing runs.
         """
+        self._check_awake()
         prompts = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -182,6 +232,7 @@ class LLM:
         """
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        self._check_awake()
         prompts = self._normalize_prompts(prompts)
         encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
         for i, (_, ids) in enumerate(encoded):

@@ -314,6 +314,17 @@ class LLMEngine:
         self.requests.clear()
         return outputs
 
+    def abort_request(self, request_id: str):
+        """Stops one request, frees its blocks; returns what it had (finish_reason "abort"), None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.live if isinstance(request, BeamRequest) else request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+        return request.output(self.detokenize)
+
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
 
@@ -321,3 +332,17 @@ class LLMEngine:
         """New weights are in place: KV computed with the old ones must never be found again."""
         self.block_manager.reset_prefix_cache()
         self.weight_version = version
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.kv_cache is None
+
+    def sleep(self) -> None:
+        """Frees the KV cache; cached prefixes are forgotten with it. Nothing may be in flight."""
+        if self.requests:
+            raise RuntimeError(f"sleep() with {len(self.requests)} requests in flight; wait for them or abort them")
+        self.block_manager.reset_prefix_cache()
+        self.runner.release_kv_cache()
+
+    def wake_up(self) -> None:
+        self.runner.allocate_kv_cache()

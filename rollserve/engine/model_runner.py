@@ -30,6 +30,21 @@ def _paged_attention(configs: list):
             c._attn_implementation = impl
 
 
+@contextmanager
+def _eval_mode(model):
+    """Generation never sees a trainer's train-mode behaviour (dropout, checkpointing) or its autocast."""
+    training = [m for m in model.modules() if m.training]
+    device = next(model.parameters()).device.type
+    try:
+        for m in training:
+            m.training = False
+        with torch.autocast(device, enabled=False):  # the KV cache holds the model's dtype
+            yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int):
         register()
@@ -38,10 +53,22 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         num_layers, num_kv_heads, head_dim = kv_cache_geometry(model.config)
-        self.kv_cache = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+        self._kv_shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.kv_cache = self._new_kv_cache()
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
         self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
+
+    def _new_kv_cache(self) -> PagedKVCache:
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
+        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+
+    def release_kv_cache(self) -> None:
+        self.kv_cache = None
+
+    def allocate_kv_cache(self) -> None:
+        if self.kv_cache is None:
+            self.kv_cache = self._new_kv_cache()
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -110,7 +137,7 @@ class ModelRunner:
         for _, first, _, count in prompt_rows:
             keep.extend(range(first, first + count))
         keep = torch.tensor(keep, dtype=torch.long, device=self.device)
-        with _paged_attention(self._attn_configs), (self._gemm or nullcontext()):
+        with _paged_attention(self._attn_configs), _eval_mode(self.model), (self._gemm or nullcontext()):
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],

@@ -1,0 +1,295 @@
+"""`RemoteLLM`: the `LLM` API, served by an engine in another process (`rollserve serve`)."""
+
+import itertools
+import socket
+import threading
+import time
+import weakref
+
+import zmq
+
+from . import protocol
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import BeamSearchParams, SamplingParams
+
+_TERMINAL = ("reply", "result", "done", "error")
+_TRANSPORTS = ("auto", "shm", "zmq")
+
+
+class _Conn:
+    def __init__(self, context, address: str):
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.msg_id = None  # of the message in flight
+
+
+class RemoteLLM:
+    """Talks to an engine server at `address` (`tcp://host:port`, its `zmq` address) with `LLM`'s methods.
+
+    `timeout` (seconds) is how long the server may stay silent: while a call waits, the
+    client pings the server, and raises `TimeoutError` once nothing came back for
+    `timeout` seconds (a dead or hung server), or `ConnectionError` if another server
+    instance answers (it restarted and lost the request). Later calls reconnect, so the
+    same object works again once a server is back. Safe to share between threads: each
+    call uses a socket of its own from a pool. `api_key`: the server's `--api-key`.
+    `weight_transport`: how `update_weights` ships tensors — `"shm"` (shared-memory
+    buckets, same host), `"zmq"` (tensor frames over this connection) or `"auto"` (shm
+    when the server runs on this host).
+    """
+
+    def __init__(self, address: str, timeout: float = 60.0, api_key: str | None = None,
+                 weight_transport: str = "auto"):
+        if not isinstance(address, str) or "://" not in address:
+            raise ValueError(f"address must be a ZMQ endpoint such as 'tcp://127.0.0.1:5555', got {address!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if weight_transport not in _TRANSPORTS:
+            raise ValueError(f"weight_transport={weight_transport!r} is invalid: must be one of {_TRANSPORTS}")
+        self.address, self.timeout, self.api_key, self.weight_transport = address, float(timeout), api_key, weight_transport
+        self._context = zmq.Context()
+        self._pool: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._sender_box = [None]  # the SharedMemorySender, made on first use (shared with the finalizer)
+        self._sender_lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close, self._pool, self._context, self._sender_box)
+
+    # -- connections ------------------------------------------------------------
+    def _checkout(self) -> _Conn:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return _Conn(self._context, self.address)
+
+    def _exchange(self, conn: _Conn, header: dict, frames=()):
+        """Sends one message; yields every reply to it until a terminal one. Pings the server while it is silent.
+
+        The server answers each client's messages in order, and a message whose answer comes later (generate,
+        pause) is first acknowledged with the server's id; so a ping answered before the message is a lost
+        message, and a ping answered by another server id is a restarted server.
+        """
+        msg_id = conn.msg_id = next(self._ids)
+        header = {**header, "id": msg_id}
+        if self.api_key is not None:
+            header["api_key"] = self.api_key
+        conn.sock.send_multipart([protocol.pack(header), *frames], copy=False)
+        ping_every = min(1.0, self.timeout / 4)
+        last_heard, pings, server_id = time.monotonic(), set(), None
+        while True:
+            if not conn.sock.poll(int(ping_every * 1000)):
+                silent = time.monotonic() - last_heard
+                if silent >= self.timeout:
+                    raise TimeoutError(f"no answer from the rollserve server at {self.address} for {silent:.1f} s "
+                                       f"(timeout={self.timeout} s) to {header['type']!r}; is it running?")
+                ping = next(self._ids)
+                pings.add(ping)
+                conn.sock.send(protocol.pack({"type": "ping", "id": ping}))
+                continue
+            reply = protocol.unpack(conn.sock.recv())
+            last_heard = time.monotonic()
+            if reply.get("id") in pings:
+                if server_id is None or reply.get("server_id") != server_id:
+                    raise ConnectionError(f"the rollserve server at {self.address} lost {header['type']!r} "
+                                          f"(it restarted, or the message never reached it); try again")
+                continue
+            if reply.get("id") != msg_id:
+                continue  # a late answer to an abandoned call
+            if reply["type"] == "error":
+                protocol.raise_error(reply, f"rollserve server at {self.address}")
+            if reply["type"] == "accepted":
+                server_id = reply["server_id"]
+                continue
+            yield reply
+            if reply["type"] in _TERMINAL:
+                return
+
+    def _call(self, header: dict, frames=()):
+        """Yields the replies to one message; the socket goes back to the pool only after a clean exchange."""
+        conn = self._checkout()
+        clean = False
+        try:
+            for reply in self._exchange(conn, header, frames):
+                clean = reply["type"] in _TERMINAL  # the caller may stop reading after it
+                yield reply
+        except (ValueError, TypeError, PermissionError, NotImplementedError, protocol.RemoteError):
+            clean = True  # the server answered: the socket is in a known state
+            raise
+        finally:
+            if clean:
+                with self._lock:
+                    self._pool.append(conn)
+            else:  # timed out, interrupted or abandoned: stop the request if it still runs, drop the socket
+                if header["type"] == "generate":
+                    try:
+                        conn.sock.send(protocol.pack({"type": "abort", "target": conn.msg_id}), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                conn.sock.close(linger=100 if header["type"] == "generate" else 0)
+
+    def _simple(self, header: dict) -> dict:
+        for reply in self._call(header):
+            if reply["type"] in _TERMINAL:
+                return reply
+        raise RuntimeError("unreachable")
+
+    # -- generation -----------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """As `LLM.generate` (`use_tqdm` is accepted and ignored): one `RequestOutput` per prompt, in order."""
+        prompts = _normalize_prompts(prompts)
+        return self._generate({"type": "generate", "prompts": prompts,
+                               "params": _params(sampling_params, len(prompts), SamplingParams)})
+
+    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """As `LLM.chat`: the server applies its tokenizer's chat template to each conversation."""
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        conversations = [list(c) if isinstance(c, tuple) else c for c in conversations]
+        return self._generate({"type": "generate", "conversations": conversations,
+                               "params": _params(sampling_params, len(conversations), SamplingParams),
+                               "chat_template_kwargs": chat_template_kwargs})
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True):
+        """As `LLM.beam_search`: one `BeamSearchOutput` per prompt, in order."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = _normalize_prompts(prompts)
+        return self._generate({"type": "generate", "prompts": prompts, "params": protocol.params_to_dict(params)})
+
+    def _generate(self, header: dict) -> list:
+        for reply in self._call(header):
+            if reply["type"] == "result":
+                return [protocol.output_from_dict(o) for o in reply["outputs"]]
+        raise RuntimeError("unreachable")
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None):
+        """Yields `RequestOutput`s holding only the tokens (and text) new since the previous one.
+
+        The last one of each sample has its `finish_reason`. Closing the iterator early aborts the request.
+        """
+        params = _params(sampling_params, 1, SamplingParams)
+        header = {"type": "generate", "prompts": _normalize_prompts(prompt)[:1], "params": params, "stream": True}
+        for reply in self._call(header):
+            if reply["type"] == "delta":
+                yield _delta_output(reply)
+
+    # -- weights ---------------------------------------------------------------------
+    def update_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
+        """As `LLM.update_weights`, across the process boundary; returns the server's new weight version.
+
+        A refused update raises the server's `ValueError`/`TypeError` and leaves its weights and version untouched.
+        """
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise TypeError(f"version must be an int or None, got {type(version).__name__}")
+        if not isinstance(require_all, bool):
+            raise TypeError(f"require_all must be a bool, got {type(require_all).__name__}")
+        if hasattr(named_tensors, "items"):
+            named_tensors = named_tensors.items()
+        if self._use_shm():
+            with self._sender_lock:
+                return self._shm_sender().send(named_tensors, version=version, require_all=require_all)
+        entries, frames = protocol.tensors_to_frames(named_tensors)
+        for reply in self._call({"type": "update_weights", "tensors": entries, "version": version,
+                                 "require_all": require_all}, frames):
+            return reply["version"]
+
+    def _use_shm(self) -> bool:
+        if self.weight_transport != "auto":
+            return self.weight_transport == "shm"
+        return self.info()["hostname"] == socket.gethostname()
+
+    def _shm_sender(self):
+        if self._sender_box[0] is None:
+            from ..weight_sync.transports import SharedMemorySender
+
+            address = self.info()["weights"].replace("0.0.0.0", "127.0.0.1")
+            self._sender_box[0] = SharedMemorySender(address, timeout_s=max(self.timeout, 60.0))
+        return self._sender_box[0]
+
+    @property
+    def weight_version(self) -> int:
+        return self._simple({"type": "weight_version"})["version"]
+
+    def weights_fingerprint(self) -> str:
+        """As `LLM.weights_fingerprint`: compare with the trainer's `weights_fingerprint(...)`."""
+        return self._simple({"type": "weights_fingerprint"})["fingerprint"]
+
+    # -- control ----------------------------------------------------------------------
+    def pause(self, mode: str = "wait") -> None:
+        """Stops generation. `wait`: returns once requests in flight finished; `abort`: ends them (finish_reason
+        "abort"); `keep`: freezes them, and they continue after `resume()` (with new weights if updated)."""
+        self._simple({"type": "pause", "mode": mode})
+
+    def resume(self) -> None:
+        self._simple({"type": "resume"})
+
+    def sleep(self, level: int = 1) -> None:
+        self._simple({"type": "sleep", "level": level})
+
+    def wake_up(self) -> None:
+        self._simple({"type": "wake_up"})
+
+    def reset_prefix_cache(self) -> None:
+        self._simple({"type": "reset_prefix_cache"})
+
+    def health(self) -> dict:
+        return self._simple({"type": "health"})
+
+    def stats(self) -> dict:
+        return self._simple({"type": "stats"})["stats"]
+
+    def info(self) -> dict:
+        """The server's addresses, host name, model name and limits."""
+        return self._simple({"type": "hello"})
+
+    def close(self) -> None:
+        """Closes every socket; calls still in flight on other threads fail."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _close(pool: list, context, sender: list) -> None:
+    if sender[0] is not None:
+        sender[0].close()
+    pool.clear()
+    context.destroy(linger=0)  # also closes sockets still checked out (an unfinished stream): term() would hang
+
+
+def _normalize_prompts(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+        return [list(prompts) if isinstance(prompts, tuple) else prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
+    return [list(p) if isinstance(p, tuple) else p for p in prompts]
+
+
+def _params(params, count: int, cls):
+    if params is None:
+        params = cls()
+    if isinstance(params, (list, tuple)):
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
+        for i, p in enumerate(params):
+            if not isinstance(p, cls):
+                raise TypeError(f"sampling_params[{i}] must be a {cls.__name__}, got {type(p).__name__}")
+        return [protocol.params_to_dict(p) for p in params]
+    if not isinstance(params, cls):
+        raise TypeError(f"sampling_params must be a {cls.__name__}, got {type(params).__name__}")
+    return protocol.params_to_dict(params)
+
+
+def _delta_output(reply: dict) -> RequestOutput:
+    outs = [CompletionOutput(index=d["index"], text=d.get("text", ""), token_ids=d["token_ids"],
+                             logprobs=d.get("logprobs"), cumulative_logprob=None,
+                             finish_reason=d.get("finish_reason"), stop_reason=d.get("stop_reason"),
+                             top_logprobs=d.get("top_logprobs"), weight_versions=d.get("weight_versions"))
+            for d in reply["outputs"]]
+    return RequestOutput(str(reply["index"]), None, [], outs)
+

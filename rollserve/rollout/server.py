@@ -1,0 +1,475 @@
+"""The engine server: an `LLM` in its own process behind a ZMQ front and an OpenAI-compatible HTTP front.
+
+    python -m rollserve.rollout.server --model PATH [--host 127.0.0.1] [--zmq-port 0] [--http-port 0]
+                                       [--weights-port 0] [--api-key KEY] [--shm-prefix NAME] ...
+
+One thread (the core loop, the main thread) owns the engine and the ZMQ ROUTER
+socket: it reads messages between engine steps, steps while there is work,
+and routes finished outputs and streaming deltas to whoever asked. Everything
+that touches the engine runs there, so weight updates, pauses and aborts fall
+between steps. The HTTP front (uvicorn, its own thread) and the shared-memory
+weight receiver (its own thread) hand work to the core loop with `call`.
+Once ready, the process prints one line `ROLLSERVE READY {json addresses}`.
+"""
+
+import argparse
+import concurrent.futures
+import hmac
+import json
+import os
+import queue
+import secrets
+import signal
+import socket
+import threading
+import time
+import traceback
+
+import zmq
+
+from . import protocol
+from .jobs import Job, RequestEncoder, unstarted_output
+
+CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache"}
+PAUSE_MODES = ("wait", "abort", "keep")
+
+
+class _CoreTarget:
+    """What the shared-memory receiver updates: the engine, between two steps of the core loop."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def update_weights(self, named_tensors, version=None, require_all=False) -> int:
+        named = list(named_tensors)
+        return self.server.call(lambda: self.server.llm.update_weights(named, version, require_all)).result()
+
+
+class EngineServer:
+    """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP."""
+
+    def __init__(self, llm, host: str = "127.0.0.1", zmq_port: int = 0, http_port: int | None = 0,
+                 weights_port: int = 0, api_key: str | None = None, shm_prefix: str | None = None,
+                 served_model_name: str = "rollserve", max_request_bytes: int = 16 << 20):
+        self.llm, self.host, self.api_key, self.model_name = llm, host, api_key, served_model_name
+        self.max_request_bytes = max_request_bytes
+        self.server_id = secrets.token_hex(8)
+        self.encoder = RequestEncoder(llm)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._context = zmq.Context()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        try:
+            self._router.bind(f"tcp://{host}:{zmq_port or '*'}")
+        except zmq.ZMQError as e:
+            self._context.destroy(linger=0)
+            raise ValueError(f"cannot bind the ZMQ front to host={host!r} zmq_port={zmq_port}: {e}") from None
+        self.zmq_address = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._jobs: dict[tuple, Job] = {}  # (client key, message id) -> job
+        self._by_request: dict[str, Job] = {}  # engine request id -> its job
+        self._held: list[tuple[Job, int]] = []  # (job, prompt index) waiting for resume
+        self._pause_waiters: list = []
+        self.paused, self.draining, self.asleep, self._running = False, False, False, True
+        self._next_request = 0
+        self.counters = {"requests_ok": 0, "requests_aborted": 0, "requests_rejected": 0, "prompt_tokens": 0}
+        self.receiver = self._start_receiver(host, weights_port, shm_prefix)
+        self.http_address, self._http = None, None
+        if http_port is not None:
+            from .http_api import start_http
+
+            self._http, self.http_address = start_http(self, host, http_port)
+
+    def _start_receiver(self, host, port, prefix):
+        from ..weight_sync.transports import SharedMemoryReceiver
+
+        receiver = SharedMemoryReceiver(_CoreTarget(self), f"tcp://{host}:{port or '*'}", prefix)
+
+        def serve():
+            try:
+                receiver.serve_forever(0.2)
+            finally:
+                receiver.close()
+
+        self._receiver_thread = threading.Thread(target=serve, name="rollserve-weights", daemon=True)
+        self._receiver_thread.start()
+        return receiver
+
+    def info(self) -> dict:
+        return {"server_id": self.server_id, "protocol": protocol.PROTOCOL, "zmq": self.zmq_address,
+                "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
+                "hostname": socket.gethostname(), "model": self.model_name, "max_model_len": self.llm.max_model_len,
+                "weight_version": self.llm.weight_version, "pid": os.getpid()}
+
+    # -- called from other threads --------------------------------------------
+    def call(self, fn) -> concurrent.futures.Future:
+        """Runs `fn()` on the core loop between two engine steps; the future holds its result."""
+        future = concurrent.futures.Future()
+        self._inbox.put((fn, future))
+        self._wake()
+        return future
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the core loop -----------------------------------------------------------
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while self._running:
+                work = self._can_step()
+                events = dict(poller.poll(0 if work else 200))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                self._read_router()
+                self._run_inbox()
+                if self._can_step():
+                    try:
+                        self._step()
+                    except Exception as e:  # an engine failure: end what was in flight, keep serving
+                        self._engine_failed(e)
+                elif self.draining and not self.llm.engine.has_unfinished_requests():
+                    self._paused_now()
+        finally:
+            self._shutdown()
+
+    def _can_step(self) -> bool:
+        return not (self.paused or self.asleep) and self.llm.engine.has_unfinished_requests()
+
+    def _run_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def _step(self) -> None:
+        for out in self.llm.engine.step():
+            job = self._by_request.pop(out.request_id, None)
+            if job is not None:
+                self._finished(job, out)
+        for job in {id(j): j for j in self._by_request.values() if j.stream}.values():
+            job.send_deltas(self.llm.engine.requests)
+
+    def _engine_failed(self, exc: Exception) -> None:
+        traceback.print_exc()
+        self.llm.engine.abort_all()
+        failed = {id(job): job for job in self._by_request.values()}
+        self._by_request.clear()
+        for job in failed.values():
+            job.fail(RuntimeError(f"the engine failed while this request ran: {type(exc).__name__}: {exc}"))
+            self._jobs.pop(job.key, None)
+
+    def _finished(self, job: Job, out) -> None:
+        aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out, "outputs", ()))
+        self.counters["requests_aborted" if aborted else "requests_ok"] += 1
+        if job.finish(out):
+            self._jobs.pop(job.key, None)
+
+    # -- ZMQ front -----------------------------------------------------------------
+    def _read_router(self) -> None:
+        for _ in range(256):  # bounded, so a flood of messages cannot starve the engine
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity, parts = frames[0].bytes, frames[1:]
+            self._on_message(identity, parts)
+
+    def _send(self, identity: bytes, reply: dict) -> None:
+        try:
+            self._router.send_multipart([identity, protocol.pack(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client is gone or not reading: its replies are dropped
+            pass
+
+    def _on_message(self, identity: bytes, parts) -> None:
+        msg_id = None
+        try:
+            if not parts:
+                raise ValueError("malformed message: no header frame")
+            if len(parts[0]) > self.max_request_bytes:
+                raise ValueError(f"message header of {len(parts[0])} bytes exceeds max_request_bytes="
+                                 f"{self.max_request_bytes}")
+            header = protocol.unpack(parts[0].buffer)
+            msg_id = header.get("id")
+            kind = header["type"]
+            handler = getattr(self, f"_on_{kind}", None) if kind in HANDLERS else None
+            if handler is None:
+                raise ValueError(f"unknown message type {kind!r}; known: {sorted(HANDLERS)}")
+            if len(parts) > 1 and kind != "update_weights":
+                raise ValueError(f"a {kind!r} message carries no tensor frames, got {len(parts) - 1}")
+            self._check_key(header, kind)
+            reply = handler(header, parts[1:], lambda m, i=identity: self._send(i, m), identity)
+        except Exception as e:
+            if msg_id is None or isinstance(msg_id, (int, str)):
+                self._send(identity, protocol.error_reply(msg_id if isinstance(msg_id, (int, str)) else None, e))
+            return
+        if reply is not None:
+            self._send(identity, {"type": "reply", "id": msg_id, **reply})
+
+    def _check_key(self, header: dict, kind: str) -> None:
+        if self.api_key is None or kind not in CONTROL | {"generate"}:
+            return
+        given = header.get("api_key")
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise PermissionError(f"{kind!r} requires the server's API key (api_key missing or wrong)")
+
+    # -- message handlers: return a reply dict, or None when the reply comes later -----------
+    def _on_hello(self, header, frames, send, key):
+        return self.info()
+
+    def _on_ping(self, header, frames, send, key):
+        return {"server_id": self.server_id}
+
+    def _on_health(self, header, frames, send, key):
+        return {"status": "ok", "server_id": self.server_id, "paused": self.paused, "asleep": self.asleep,
+                "weight_version": self.llm.weight_version}
+
+    def _on_stats(self, header, frames, send, key):
+        return {"stats": self.stats()}
+
+    def _on_generate(self, header, frames, send, key):
+        self.start_job(header, send, key)
+        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
+
+    def _on_abort(self, header, frames, send, key):
+        job = self._jobs.get((key, header.get("target")))
+        if job is not None:
+            self.abort_job(job)
+        return {"aborted": job is not None}
+
+    def _on_update_weights(self, header, frames, send, key):
+        named = protocol.frames_to_tensors(header.get("tensors"), frames)
+        return {"version": self.llm.update_weights(named, header.get("version"), header.get("require_all", False))}
+
+    def _on_weight_version(self, header, frames, send, key):
+        return {"version": self.llm.weight_version}
+
+    def _on_weights_fingerprint(self, header, frames, send, key):
+        return {"fingerprint": self.llm.weights_fingerprint()}
+
+    def _on_reset_prefix_cache(self, header, frames, send, key):
+        self.llm.reset_prefix_cache()
+        return {}
+
+    def _on_pause(self, header, frames, send, key):
+        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
+        self.pause(header.get("mode", "wait"), lambda: send({"type": "reply", "id": header.get("id")}))
+
+    def _on_resume(self, header, frames, send, key):
+        self.resume()
+        return {}
+
+    def _on_sleep(self, header, frames, send, key):
+        self.sleep(header.get("level", 1))
+        return {}
+
+    def _on_wake_up(self, header, frames, send, key):
+        self.wake_up()
+        return {}
+
+    def llm_method(self, name: str):
+        fn = getattr(self.llm, name, None)
+        if fn is None:
+            raise NotImplementedError(f"{name} is not available: this engine's LLM has no {name}() method")
+        return fn
+
+    # -- jobs (ZMQ and HTTP) ----------------------------------------------------------
+    def start_job(self, header: dict, send, key) -> Job:
+        """Checks every prompt of a generate message, then queues them all (or none: the error names the prompt)."""
+        job_key = (key, header.get("id"))
+        if job_key in self._jobs:
+            raise ValueError(f"message id {header.get('id')!r} is already generating")
+        try:
+            requests = self.encoder.encode(header)
+        except Exception:
+            self.counters["requests_rejected"] += 1
+            raise
+        job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")), self.llm)
+        self._jobs[job_key] = job
+        for index in range(len(requests)):
+            if self.paused or self.draining or self.asleep:
+                self._held.append((job, index))
+            else:
+                self._admit(job, index)
+        return job
+
+    def _admit(self, job: Job, index: int) -> None:
+        rid = str(self._next_request)
+        self._next_request += 1
+        text, ids, params = job.requests[index]
+        self.llm.engine.add_request(rid, ids, params, prompt=text)
+        job.request_ids[index] = rid
+        self._by_request[rid] = job
+        self.counters["prompt_tokens"] += len(ids)
+
+    def abort_job(self, job: Job) -> None:
+        """Ends every request of `job` (finish_reason "abort"), held ones included; the job is answered."""
+        self._held = [(j, i) for j, i in self._held if j is not job]
+        for index, rid in enumerate(job.request_ids):
+            if rid is None:  # held while paused: never reached the engine
+                rid = job.request_ids[index] = f"unstarted-{index}"
+                out = unstarted_output(rid, *job.requests[index], self.llm.weight_version)
+            else:
+                out = self.llm.engine.abort_request(rid)
+                self._by_request.pop(rid, None)
+            if out is not None:
+                self._finished(job, out)
+        self._jobs.pop(job.key, None)
+
+    # -- pause / resume -------------------------------------------------------
+    def pause(self, mode: str, done) -> None:
+        """Stops generation: `wait` lets requests in flight finish, `abort` ends them, `keep` freezes them."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode={mode!r} is invalid: must be one of {', '.join(map(repr, PAUSE_MODES))}")
+        if mode == "abort":
+            for job in list(self._jobs.values()):
+                self.abort_job(job)
+        self._pause_waiters.append(done)
+        if mode == "wait" and self.llm.engine.has_unfinished_requests():
+            self.draining = True
+        else:
+            self._paused_now()
+
+    def _paused_now(self) -> None:
+        self.paused, self.draining = True, False
+        waiters, self._pause_waiters = self._pause_waiters, []
+        for done in waiters:
+            done()
+
+    def resume(self) -> None:
+        self.paused = self.draining = False
+        self._admit_held()
+
+    def _admit_held(self) -> None:
+        if self.asleep:
+            return
+        held, self._held = self._held, []
+        for job, index in held:
+            self._admit(job, index)
+
+    # -- sleep / wake up ----------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Frees the KV cache (level 2: also the weights, to host memory); requests that come meanwhile wait."""
+        sleep = self.llm_method("sleep")
+        if self.llm.engine.has_unfinished_requests():
+            raise ValueError(f"sleep needs an idle engine, {len(self.llm.engine.requests)} requests are in flight: "
+                             f"pause('wait') or pause('abort') first")
+        sleep(level)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.llm_method("wake_up")()
+        self.asleep = False
+        if not (self.paused or self.draining):
+            self._admit_held()
+
+    # -- metrics ----------------------------------------------------------------
+    def stats(self) -> dict:
+        engine = self.llm.engine
+        sched, blocks = engine.scheduler, engine.block_manager
+        queries = sched.stats.prefix_cache_queries
+        return {**self.counters, "generation_tokens": engine.stats.num_generated_tokens,
+                "num_steps": engine.stats.num_steps, "num_running": len(sched.running),
+                "num_waiting": len(sched.waiting) + len(self._held),
+                "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
+                "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
+                "weight_version": self.llm.weight_version, "paused": self.paused, "asleep": self.asleep}
+
+    # -- shutdown -----------------------------------------------------------------
+    def _shutdown(self) -> None:
+        for job in list(self._jobs.values()):
+            job.fail(RuntimeError("the server is shutting down"))
+        self._jobs.clear()
+        while True:
+            try:
+                _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
+        if self._http is not None:
+            self._http.should_exit = True
+        self.receiver.stop()
+        self._receiver_thread.join(timeout=5)
+        self._router.close(linger=500)  # let the shutdown errors reach the clients
+        self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+HANDLERS = {name.removeprefix("_on_") for name in dir(EngineServer) if name.startswith("_on_") and name != "_on_message"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.")
+    add_arguments(ap)
+    return ap
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The `serve` options, on `ap` (a standalone parser or a `rollserve serve` subparser)."""
+    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--host", default="127.0.0.1", help="address every front binds (default: loopback only)")
+    ap.add_argument("--zmq-port", type=int, default=0, help="ZMQ port for RemoteLLM (0: a free one)")
+    ap.add_argument("--http-port", type=int, default=0, help="HTTP port (0: a free one, -1: no HTTP front)")
+    ap.add_argument("--weights-port", type=int, default=0, help="shared-memory weight receiver port (0: free)")
+    ap.add_argument("--api-key", default=os.environ.get("ROLLSERVE_API_KEY"),
+                    help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
+    ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--max-request-bytes", type=int, default=16 << 20)
+    ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> None:
+    run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Loads the model, serves until SIGTERM/SIGINT, cleans up."""
+    from ..llm import LLM
+
+    kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, **kwargs)
+    server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
+                          args.weights_port, args.api_key, args.shm_prefix,
+                          args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                          args.max_request_bytes)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    print("ROLLSERVE READY " + json.dumps(server.info()), flush=True)
+    start = time.monotonic()
+    server.serve_forever()
+    print(f"rollserve server stopped after {time.monotonic() - start:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""The engine server in its own process: RemoteLLM, the OpenAI HTTP front, weight updates, failures.
+
+Real server processes on loopback, a tiny random Llama with SmolLM2's vocabulary and tokenizer
+(so text prompts, chat templates and logprob token strings are real, and steps take milliseconds).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key"
+KV_BYTES = 64 << 20
+
+zmq = pytest.importorskip("zmq")
+msgpack = pytest.importorskip("msgpack")
+
+
+# -- fixtures ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.5)
+    folder = tmp_path_factory.mktemp("tiny-smollm2-vocab")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+class Server:
+    def __init__(self, folder: str, *args: str):
+        self.folder, self.args = folder, args
+        self.start()
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "rollserve.rollout.server", "--model", self.folder,
+               "--kv-cache-memory", str(KV_BYTES), *self.args]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        deadline = time.monotonic() + 180
+        for line in self.proc.stdout:
+            self.log.append(line)
+            if line.startswith("ROLLSERVE READY "):
+                self.info = json.loads(line[len("ROLLSERVE READY "):])
+                break
+            assert time.monotonic() < deadline, "".join(self.log)
+        else:
+            raise AssertionError("server exited before READY:\n" + "".join(self.log))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder):
+    s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64")
+    yield s
+    assert s.stop() == 0, "".join(s.log)  # SIGTERM: a clean exit
+    assert any("server stopped" in line for line in s.log)
+
+
+@pytest.fixture()
+def remote(server):
+    from rollserve.rollout.client import RemoteLLM
+
+    r = RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY)
+    yield r
+    r.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _same(a, b) -> None:
+    assert a.prompt_token_ids == b.prompt_token_ids
+    assert len(a.outputs) == len(b.outputs)
+    for x, y in zip(a.outputs, b.outputs):
+        assert (x.index, x.token_ids, x.text, x.finish_reason) == (y.index, y.token_ids, y.text, y.finish_reason)
+        assert x.logprobs == y.logprobs and x.top_logprobs == y.top_logprobs and x.token_ranks == y.token_ranks
+        assert x.cumulative_logprob == y.cumulative_logprob
+
+
+# -- tests ---------------------------------------------------------------------------
+def test_remote_llm_equals_in_process_llm(server, remote, tiny_folder):
+    from rollserve import LLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): same GEMM reduction order, bit-equal logprobs
+    try:
+        _compare_with_in_process(remote, LLM(tiny_folder, kv_cache_memory=KV_BYTES, seed=0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_in_process(remote, llm) -> None:
+    from rollserve import BeamSearchParams, SamplingParams
+
+    remote.reset_prefix_cache()
+    prompts = ["The capital of France is", [5, 17, 230, 4000, 12]]
+    params = [SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=7, logprobs=2),
+              SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=10, seed=11, logprobs=0, stop=["e"])]
+    for a, b in zip(remote.generate(prompts, params), llm.generate(prompts, params, use_tqdm=False)):
+        _same(a, b)
+    conv = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat_params = SamplingParams(max_tokens=8, seed=3, logprobs=1)
+    [a], [b] = remote.chat(conv, chat_params), llm.chat(conv, chat_params, use_tqdm=False)
+    assert a.prompt == b.prompt
+    _same(a, b)
+    beam = BeamSearchParams(beam_width=2, max_tokens=5)
+    [a], [b] = remote.beam_search([[1, 2, 3, 4]], beam), llm.beam_search([[1, 2, 3, 4]], beam, use_tqdm=False)
+    assert a.sequences == b.sequences
+    deltas = list(remote.stream(prompts[0], params[0]))
+    streamed = {}
+    for d in deltas:
+        for c in d.outputs:
+            streamed.setdefault(c.index, []).extend(c.token_ids)
+    assert streamed == {c.index: c.token_ids for c in b_outputs(llm, prompts[0], params[0])}
+    with pytest.raises(ValueError, match=r"prompts\[1\].*outside the vocabulary"):
+        remote.generate(["fine", [10**6]], SamplingParams(max_tokens=2))
+    assert remote.health()["status"] == "ok"
+
+
+def b_outputs(llm, prompt, params):
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs
+
+
+def test_openai_client_completions_chat_streaming_logprobs(server, remote):
+    openai = pytest.importorskip("openai")
+    from rollserve import SamplingParams
+
+    client = openai.OpenAI(base_url=server.info["http"] + "/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [server.info["model"]]
+    out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, n=2, seed=5, logprobs=2,
+                                    temperature=1.0, top_p=1.0, extra_body={"return_token_ids": True})
+    ref = remote.generate("Hello there", SamplingParams(n=2, max_tokens=6, seed=5, logprobs=2))[0]
+    assert len(out.choices) == 2
+    for choice, c in zip(out.choices, ref.outputs):
+        assert choice.text == c.text and choice.token_ids == c.token_ids and choice.finish_reason == "length"
+        assert choice.logprobs.token_logprobs == c.logprobs
+        assert len(choice.logprobs.tokens) == 6 and all(len(t) >= 2 for t in choice.logprobs.top_logprobs)
+    assert out.usage.completion_tokens == 12
+
+    chunks = list(client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, n=2, seed=5,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.text
+    assert texts == {0: ref.outputs[0].text, 1: ref.outputs[1].text}
+    assert chunks[-1].usage.completion_tokens == 12
+
+    messages = [{"role": "user", "content": "Say hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, seed=9, logprobs=True,
+                                          top_logprobs=2)
+    [cref] = remote.chat(messages, SamplingParams(max_tokens=5, seed=9, logprobs=2))
+    assert chat.choices[0].message.content == cref.outputs[0].text
+    assert [t.logprob for t in chat.choices[0].logprobs.content] == cref.outputs[0].logprobs
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, seed=9, stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(pieces) == cref.outputs[0].text
+
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=3.0)
+
+
+def test_api_key_required(server):
+    openai = pytest.importorskip("openai")
+    import httpx2 as httpx
+    from rollserve import SamplingParams
+    from rollserve.rollout.client import RemoteLLM
+
+    http = server.info["http"]
+    bad = openai.OpenAI(base_url=http + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert httpx.post(http + "/control/pause", json={"mode": "keep"}).status_code == 401
+    assert httpx.post(http + "/control/resume", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(http + "/health").status_code == 200
+    r = httpx.post(http + "/control/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200, r.text
+    metrics = httpx.get(http + "/metrics").text
+    assert "rollserve_weight_version" in metrics and "rollserve_kv_cache_usage_ratio" in metrics
+    with RemoteLLM(server.info["zmq"], timeout=10, weight_transport="zmq") as keyless:
+        with pytest.raises(PermissionError, match="API key"):
+            keyless.generate("x", SamplingParams(max_tokens=2))
+        with pytest.raises(PermissionError, match="API key"):
+            keyless.update_weights([("model.norm.weight", torch.ones(64))])
+        with pytest.raises(PermissionError, match="API key"):
+            keyless.pause("keep")
+        assert keyless.health()["paused"] is False
+
+
+def _raw_call(address: str, frames: list, timeout_ms: int = 10000) -> dict:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "no reply"
+        return msgpack.unpackb(sock.recv(), strict_map_key=False)
+    finally:
+        sock.close()
+
+
+def test_malformed_messages_get_errors_and_the_server_keeps_serving(server, remote):
+    from rollserve import SamplingParams
+
+    address = server.info["zmq"]
+    cases = [
+        ([b"\xc1 not msgpack"], "not msgpack"),
+        ([msgpack.packb([1, 2, 3])], "must be a map"),
+        ([msgpack.packb({"type": "launch_rockets", "id": 1})], "unknown message type 'launch_rockets'"),
+        ([msgpack.packb({"type": "health", "id": 2}), b"extra"], "carries no tensor frames"),
+        ([msgpack.packb({"type": "generate", "id": 3, "prompts": ["x" * (2 << 20)], "api_key": API_KEY})],
+         "exceeds max_request_bytes"),
+        ([msgpack.packb({"type": "generate", "id": 4, "prompts": [[1, 2]], "params": {"top_p": 2.0},
+                         "api_key": API_KEY})], r"SamplingParams\.top_p=2\.0 is invalid"),
+        ([msgpack.packb({"type": "generate", "id": 5, "prompts": [[1, 2]], "params": {"temprature": 1.0},
+                         "api_key": API_KEY})], "unknown SamplingParams field"),
+        ([msgpack.packb({"type": "update_weights", "id": 6, "tensors": [["lm_head.weight", "float32", [4]]],
+                         "api_key": API_KEY})], "1 tensors but 0 tensor frames"),
+    ]
+    for frames, expected in cases:
+        reply = _raw_call(address, frames)
+        assert reply["type"] == "error", reply
+        assert re.search(expected, reply["message"]), reply
+    assert remote.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].finish_reason == "length"
+
+
+def test_sleep_holds_requests_until_wake_up(server, remote):
+    from rollserve import SamplingParams
+
+    stream = remote.stream([3, 4], SamplingParams(max_tokens=200, ignore_eos=True))
+    next(stream)
+    with pytest.raises(ValueError, match="sleep needs an idle engine"):
+        remote.sleep(1)
+    stream.close()  # aborts it
+    while remote.stats()["num_running"]:
+        time.sleep(0.02)
+    remote.sleep(1)
+    results = []
+    held = threading.Thread(target=lambda: results.append(remote.generate([[5, 6]], SamplingParams(max_tokens=4))))
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive() and remote.health()["asleep"] is True
+    remote.wake_up()
+    held.join(timeout=30)
+    assert len(results[0][0].outputs[0].token_ids) == 4 and remote.health()["asleep"] is False
+
+
+def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
+    from transformers import AutoModelForCausalLM
+
+    from rollserve import SamplingParams
+    from rollserve.rollout.client import RemoteLLM
+    from rollserve.weight_sync import weights_fingerprint
+
+    r = RemoteLLM(server.info["zmq"], timeout=60, api_key=API_KEY, weight_transport="shm")
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+    original = {k: v.clone() for k, v in trainer.state_dict().items()}
+    start = r.weight_version
+    before = r.weights_fingerprint()
+    assert before == weights_fingerprint(trainer.named_parameters())
+    outputs, errors, stop = [], [], threading.Event()
+
+    def worker(i: int) -> None:
+        try:
+            while not stop.is_set():
+                outputs.extend(r.generate([[i + 1, 7, 9]], SamplingParams(n=2, max_tokens=24, seed=i)))
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: len(outputs) >= 16 or errors)  # some requests finished on the old weights
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    version = r.update_weights(trainer.named_parameters(), version=start + 5)
+    done_before = len(outputs)
+    _wait_for(lambda: len(outputs) >= done_before + 32 or errors)  # in flight across the update, then after it
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert version == start + 5 == r.weight_version
+    assert r.weights_fingerprint() == weights_fingerprint(trainer.named_parameters()) != before
+    seen = [set(c.weight_versions) for o in outputs for c in o.outputs]
+    assert {start} in seen and {start + 5} in seen
+    assert any(s == {start, start + 5} for s in seen), "no sequence recorded the version change mid-way"
+
+    with pytest.raises(ValueError, match="shape"):  # refused: nothing changes
+        r.update_weights([("lm_head.weight", torch.zeros(3, 3))])
+    assert r.weight_version == start + 5
+    assert r.weights_fingerprint() == weights_fingerprint(trainer.named_parameters())
+    zr = RemoteLLM(server.info["zmq"], timeout=60, api_key=API_KEY, weight_transport="zmq")
+    assert zr.update_weights(original.items()) == start + 6  # back to the saved weights, over tensor frames
+    assert zr.weights_fingerprint() == before
+    prefix = server.info["shm_prefix"]
+    r.close()
+    zr.close()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix + "-")]
+
+
+def test_pause_modes_keep_wait_abort(server, remote):
+    from rollserve import SamplingParams
+
+    version = remote.weight_version
+    stream = remote.stream([3, 4, 5], SamplingParams(max_tokens=60, seed=1))
+    first = next(stream)
+    remote.pause("keep")
+    frozen = remote.stats()["generation_tokens"]
+    time.sleep(0.5)
+    assert remote.stats()["generation_tokens"] == frozen and remote.health()["paused"] is True
+    assert remote.update_weights([("model.norm.weight", torch.full((64,), 1.5))]) == version + 1
+    remote.resume()
+    versions = list(first.outputs[0].weight_versions)
+    for d in stream:
+        versions += d.outputs[0].weight_versions
+    assert len(versions) == 60 and versions[0] == version and versions[-1] == version + 1
+    assert versions == sorted(versions)  # frozen sequences continued, on the new weights
+    remote.update_weights([("model.norm.weight", torch.ones(64))])  # the saved model's norm weights
+
+    results = []
+    running = threading.Thread(target=lambda: results.append(
+        remote.generate([[9, 9, 9]], SamplingParams(max_tokens=40, ignore_eos=True))[0]))
+    running.start()
+    while remote.stats()["num_running"] == 0 and running.is_alive():
+        time.sleep(0.02)
+    remote.pause("wait")  # returns once the request in flight is done
+    running.join(timeout=5)
+    assert len(results[0].outputs[0].token_ids) == 40 and results[0].outputs[0].finish_reason == "length"
+    held = threading.Thread(target=lambda: results.append(
+        remote.generate([[8, 8]], SamplingParams(max_tokens=5))[0]))
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive() and remote.stats()["num_waiting"] == 1  # admitted on resume only
+    remote.resume()
+    held.join(timeout=30)
+    assert len(results[1].outputs[0].token_ids) == 5
+
+    stream = remote.stream([7, 7, 7], SamplingParams(max_tokens=400, ignore_eos=True))
+    next(stream)
+    remote.pause("abort")
+    tail = list(stream)
+    assert tail[-1].outputs[0].finish_reason == "abort"
+    remote.resume()
+    assert remote.health()["paused"] is False
+
+
+def test_killed_server_fails_clients_within_timeout_and_restart_serves_them(tiny_folder):
+    from rollserve import SamplingParams
+    from rollserve.rollout.client import RemoteLLM
+
+    port = _free_port()
+    srv = Server(tiny_folder, "--zmq-port", str(port), "--http-port", "-1")
+    r = RemoteLLM(srv.info["zmq"], timeout=3)
+    try:
+        assert r.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+        stream = r.stream([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True))
+        next(stream)
+        errors = []
+
+        def blocked() -> None:
+            try:
+                r.generate([[4, 5, 6]], SamplingParams(max_tokens=400, n=4, ignore_eos=True))
+            except Exception as e:  # noqa: BLE001
+                errors.append((time.monotonic(), e))
+
+        t = threading.Thread(target=blocked)
+        t.start()
+        time.sleep(0.5)
+        killed = time.monotonic()
+        srv.stop(signal.SIGKILL)
+        with pytest.raises((TimeoutError, ConnectionError)):
+            for _ in stream:
+                pass
+        assert time.monotonic() - killed < 3 + 2
+        t.join(timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0][1], (TimeoutError, ConnectionError))
+        assert errors[0][0] - killed < 3 + 2
+        with pytest.raises(TimeoutError):
+            r.weight_version  # noqa: B018 - nobody is listening
+        srv.start()
+        out = r.generate([[1, 2]], SamplingParams(max_tokens=3))
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        r.close()
+        srv.stop()
