@@ -77,24 +77,35 @@ def test_width_one_is_greedy(tiny_model, make_prompts):
     assert [o.sequences[0].token_ids for o in outs] == [g.outputs[0].token_ids for g in greedy]
 
 
-def test_eos_length_penalty_and_preemption(tiny_model, make_prompts):
+@pytest.mark.parametrize("eos_choice", ["greedy-third-token", "stop-ids-ranked-0-and-3"])
+def test_eos_length_penalty_and_preemption(eos_choice, tiny_model, make_prompts):
     model = tiny_model("llama")
     prompts = make_prompts([6, 21], seed=9)
-    # An EOS that the search meets: the token greedy emits at its third step.
-    probe = LLM(model, block_size=8).generate(prompts[:1], SamplingParams(temperature=0, max_tokens=3),
-                                              use_tqdm=False)
-    eos = probe[0].outputs[0].token_ids[2]
-    model.generation_config.eos_token_id = eos
+    stop_ids = []
+    if eos_choice == "greedy-third-token":  # an EOS the search meets and keeps
+        probe = LLM(model, block_size=8).generate(prompts[:1], SamplingParams(temperature=0, max_tokens=3),
+                                                  use_tqdm=False)
+        eos = probe[0].outputs[0].token_ids[2]
+        penalty = 0.7
+        model.generation_config.eos_token_id = eos
+        ends = (eos,)
+    else:
+        # Stop ids ranked 0 and 3 at the first step of prompt 0 (beam width 3): the first ends a beam,
+        # the second is visited before the third live beam is found but ranks >= the width, so it must
+        # not become a finished beam (with a negative length penalty it would otherwise win).
+        with torch.no_grad():
+            top = torch.topk(model(torch.tensor([prompts[0]])).logits[0, -1], 4).indices.tolist()
+        stop_ids, penalty, ends = [top[0], top[3]], -1.0, (top[0], top[3])
     try:
-        params = BeamSearchParams(beam_width=3, max_tokens=9, length_penalty=0.7)
-        refs = [plain_beam_search(model, p, 3, 9, eos=(eos,), length_penalty=0.7) for p in prompts]
-        assert any(r[0][-1] == eos for ref in refs for r in ref), "the reference never meets EOS"
+        params = BeamSearchParams(beam_width=3, max_tokens=9, length_penalty=penalty, stop_token_ids=stop_ids)
+        refs = [plain_beam_search(model, p, 3, 9, eos=ends, length_penalty=penalty) for p in prompts]
+        assert any(r[0][-1] in ends for ref in refs for r in ref), "the reference never meets EOS"
         big = LLM(model, block_size=4).beam_search(prompts, params, use_tqdm=False)
         _check(big, refs)
         for out in big:
             for s in out.sequences:
-                assert s.finish_reason == ("stop" if s.token_ids[-1] == eos else "length")
-                assert s.score == pytest.approx(s.cumulative_logprob / len(s.token_ids) ** 0.7, abs=1e-6)
+                assert s.finish_reason == ("stop" if s.token_ids[-1] in ends else "length")
+                assert s.score == pytest.approx(s.cumulative_logprob / len(s.token_ids) ** penalty, abs=1e-6)
         # A cache of 12 blocks of 4 tokens cannot hold 2 prompts x 3 beams at once: beams get preempted,
         # keep their candidates, and the result is the same.
         small = LLM(model, block_size=4, kv_cache_memory=_blocks_bytes(model, 12, block=4))

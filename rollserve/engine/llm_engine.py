@@ -58,7 +58,10 @@ def _completion(seq: Sequence, p, detokenize) -> CompletionOutput:
     text = detokenize(token_ids, p.skip_special_tokens)
     if seq.stop_text_end is not None:  # cut at the stop string, found again in the full decode
         stop = seq.stop_reason
-        i = text.find(stop)
+        # Where it was found in seq.text, counted from the end (both texts end with the newest tokens): an
+        # earlier occurrence, e.g. one inside the first min_tokens tokens, did not stop the sequence.
+        found = seq.stop_text_end - (len(stop) if p.include_stop_str_in_output else 0)
+        i = text.find(stop, max(0, len(text) - (len(seq.text) - found)))
         text = text[:i + (len(stop) if p.include_stop_str_in_output else 0)] if i >= 0 else seq.text[:seq.stop_text_end]
     logprobs = cumulative = top = ranks = None
     if p.logprobs is not None:
@@ -67,8 +70,9 @@ def _completion(seq: Sequence, p, detokenize) -> CompletionOutput:
         cumulative = float(lps.double().sum())
         if p.logprobs > 0:
             k = p.logprobs
-            ids = torch.stack(seq.top_ids)[:, :k].tolist()
-            vals = torch.stack(seq.top_logprobs)[:, :k].tolist()
+            # Each step's top ids are as wide as that step's batch needed (its largest `logprobs`): cut first.
+            ids = torch.stack([t[:k] for t in seq.top_ids]).tolist()
+            vals = torch.stack([t[:k] for t in seq.top_logprobs]).tolist()
             top = []
             for t, lp, i, v in zip(token_ids, logprobs, ids, vals):
                 entry = dict(zip(i, v))

@@ -25,6 +25,7 @@ import torch
 
 ROWS_PER_CHUNK = 16
 CDF_BLOCK = 128  # the CDF is inverted in two levels: blocks of the vocabulary, then tokens within a block
+TOPK_BLOCK = 32  # top-w values are looked for in the w blocks of 32 with the largest maxima
 TOP_P_WIDTHS = (64, 1024)  # filter thresholds are looked for among the top 64 (or top_k), then 1024, then a full sort
 _MODES = {"policy": 0, "sampling": 1, "raw": 2}
 
@@ -60,6 +61,24 @@ def _invert_cdf(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     j = torch.searchsorted(cs, target[:, None] - before, right=True)
     last = (cs < cs[:, -1:]).sum(-1, keepdim=True)  # where the block's mass is reached: a non-zero token
     return (block * CDF_BLOCK + torch.minimum(j, last)).squeeze(1)
+
+
+def _topk(x: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, w)` (sorted) of a contiguous [rows, vocab] tensor, looking only where it can be.
+
+    The w largest values lie in the w blocks of TOPK_BLOCK with the largest
+    maxima, so one max-reduction over the row picks the blocks and the exact
+    top-w is taken among their w * TOPK_BLOCK values.
+    """
+    rows, vocab = x.shape
+    b = TOPK_BLOCK
+    if w * b * 4 > vocab or vocab % b or not x.is_contiguous():
+        return torch.topk(x, w, dim=-1)
+    xb = x.view(rows, vocab // b, b)
+    blocks = torch.topk(xb.amax(-1), w, dim=-1).indices  # [rows, w]
+    cand = xb.gather(1, blocks[:, :, None].expand(-1, -1, b)).reshape(rows, w * b)
+    vals, idx = torch.topk(cand, w, dim=-1)
+    return vals, blocks.gather(1, idx // b) * b + idx % b
 
 
 def _filter_thresholds(vals: torch.Tensor, k: torch.Tensor, top_k_on: torch.Tensor, top_p: torch.Tensor,
@@ -99,7 +118,7 @@ def _thresholds(p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p
     widths = [first] + [w for w in TOP_P_WIDTHS[1:] if first < w < vocab] + ([vocab] if first < vocab else [])
     for w in widths:
         sub = p if len(todo) == rows else p[todo]
-        vals = torch.topk(sub, w, dim=-1).values if w < vocab else torch.sort(sub, dim=-1, descending=True).values
+        vals = _topk(sub, w)[0] if w < vocab else torch.sort(sub, dim=-1, descending=True).values
         t, resolved = _filter_thresholds(vals, k[todo], top_k_on[todo], top_p[todo], min_p[todo])
         thr[todo] = t
         if w == vocab or bool(resolved.all()):
@@ -120,9 +139,12 @@ class SamplingBatch:
         self.temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
         self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
         self.all_greedy = bool(self.greedy.all())
+        self._t1 = [p.temperature in (0, 1) for p in params]
         self.mode = torch.tensor([_MODES[p.logprobs_mode] for p in params], device=device)
         self.modes = {p.logprobs_mode for p in params}
         self.k_max = max((p.logprobs or 0) for p in params)
+        # Width of the top list kept for top logprobs: also wide enough to rank most sampled tokens.
+        self.rank_width = min(256, max([16] + [p.top_k for p in params]))
         filt = [i for i, p in enumerate(params) if p.has_filters]
         self.any_filters = bool(filt)
         if filt:
@@ -141,6 +163,9 @@ class SamplingBatch:
                 self.mask_rows.extend([i] * len(banned))
                 self.mask_cols.extend(sorted(banned))
         self.modifies_logits = bool(self.penalty_rows or self.mask_rows)
+
+    def chunk_all_t1(self, e: slice) -> bool:
+        return all(self._t1[e])
 
     def _build_penalties(self, seqs, vocab: int, device) -> None:
         rows = self.penalty_rows
@@ -213,27 +238,36 @@ class Sampler:
             e = slice(s, s + ROWS_PER_CHUNK)
             x, z, temps, greedy = logits[e], z_all[e], batch.temperature[e, None], batch.greedy[e]
             # The trainer's own op on the trainer's own division, so the numbers match bit for bit.
-            policy = torch.log_softmax(x / temps, dim=-1)
+            # (x / 1.0 is x exactly: skip the pass when the chunk's temperatures are all 1.)
+            policy = torch.log_softmax(x if batch.chunk_all_t1(e) else x / temps, dim=-1)
             dist = torch.log_softmax(z / temps, dim=-1) if batch.modifies_logits else policy  # [chunk, vocab], T-scaled
             probs = dist.exp()
             filtered = False
             if batch.any_filters and bool(batch.has_filters[e].any()):
                 thr = _thresholds(probs, batch.top_k[e], batch.top_p[e], batch.min_p[e])
-                probs = torch.where(probs >= thr[:, None], probs, 0.0)
+                probs.masked_fill_(probs < thr[:, None], 0.0)
                 filtered = True
             if batch.all_greedy:
                 tok = z.argmax(dim=-1)
-            else:
+            elif bool(greedy.any()):
                 tok = torch.where(greedy, z.argmax(dim=-1), _invert_cdf(probs, u[e] * probs.sum(-1)))
+            else:
+                tok = _invert_cdf(probs, u[e] * probs.sum(-1))
             tokens[e] = tok
             # Logprobs in each row's mode.
             report = self._report(batch, e, x, policy, dist, probs, filtered)
             sel = report.gather(1, tok[:, None]).squeeze(1)
             logprobs[e] = sel
             if k:
-                vals, ids = torch.topk(report, k, dim=-1)
-                top_ids[e], top_lps[e] = ids, vals
-                ranks[e] = (report > sel[:, None]).sum(-1) + 1
+                vals, ids = _topk(report, min(vocab, max(k, batch.rank_width)))
+                top_ids[e], top_lps[e] = ids[:, :k], vals[:, :k]
+                # The rank from the top list when the sampled token is in it, else by counting its row.
+                rank = (vals > sel[:, None]).sum(-1) + 1
+                deeper = sel < vals[:, -1]
+                if bool(deeper.any()):
+                    d = deeper.nonzero().squeeze(1)
+                    rank[d] = (report[d] > sel[d, None]).sum(-1) + 1
+                ranks[e] = rank
         return SamplerOutput(tokens, logprobs, top_ids, top_lps, ranks)
 
     @staticmethod

@@ -9,13 +9,13 @@ few percent on any token with p >= 0.01 breaks it (5 sigma at N = 40000,
 p = 0.05 is 0.0055 absolute).
 """
 
-from collections import Counter
-
 import pytest
 import torch
 
 from rollserve import SamplingParams
 from rollserve.engine.sampler import Sampler, SamplingBatch, _thresholds
+
+from reference import reference_probs as _reference_probs
 
 VOCAB = 128
 N = 40000
@@ -35,31 +35,8 @@ class FakeSeq:
 
 
 def reference_probs(logits: torch.Tensor, p: SamplingParams, prompt=(), output=(), eos=(EOS,)) -> torch.Tensor:
-    """The distribution a correct sampler draws from, written plainly in float64."""
-    z = logits.double().clone()
-    if p.repetition_penalty != 1:
-        for t in set(prompt) | set(output):
-            z[t] = z[t] / p.repetition_penalty if z[t] > 0 else z[t] * p.repetition_penalty
-    for t, c in Counter(output).items():
-        z[t] -= p.frequency_penalty * c + p.presence_penalty
-    if len(output) < p.min_tokens:
-        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos)):
-            z[t] = float("-inf")
-    t = p.temperature if p.temperature > 0 else 1.0
-    probs = torch.softmax(z / t, dim=-1)
-    order = torch.argsort(probs, descending=True)
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    kept = order[:p.top_k] if p.top_k > 0 else order
-    mass = probs[kept].sum()
-    acc = 0.0
-    for tok in kept.tolist():  # smallest most-likely set reaching top_p within the top_k set
-        keep[tok] = True
-        acc += probs[tok].item() / mass.item()
-        if acc >= p.top_p:
-            break
-    keep &= probs >= p.min_p * probs.max()
-    out = torch.where(keep, probs, 0.0)
-    return out / out.sum()
+    """The distribution a correct sampler draws from (tests/reference.py), with this file's EOS."""
+    return _reference_probs(logits, p, prompt, output, eos)
 
 
 def draw(logits, params, n=N, prompt=(), output=(), seed=0):

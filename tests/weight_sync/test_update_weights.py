@@ -57,11 +57,12 @@ def test_sync_is_bit_equal_and_fingerprints_match(pair, make_prompts):
     before = llm.weights_fingerprint()
     assert before == llm.weights_fingerprint()  # deterministic
     assert before != weights_fingerprint(trainer.named_parameters())
+    addresses = {n: p.data_ptr() for n, p in llm.model.named_parameters()}
     assert llm.update_weights(trainer.named_parameters(), require_all=True) == 1
     engine = dict(llm.model.named_parameters())
     for name, p in trainer.named_parameters():
         assert torch.equal(engine[name], p), name
-        assert engine[name].data_ptr() != p.data_ptr()  # copied in place, not swapped in
+        assert engine[name].data_ptr() == addresses[name]  # copied in place, not swapped in
     assert llm.weights_fingerprint() == weights_fingerprint(trainer.named_parameters())
     assert llm.weights_fingerprint() == weights_fingerprint(reversed(list(trainer.state_dict().items())))
     assert llm.weight_version == 1
@@ -70,10 +71,11 @@ def test_sync_is_bit_equal_and_fingerprints_match(pair, make_prompts):
 
 
 def test_fingerprint_sees_a_single_bit():
-    a = [("w", torch.ones(1000)), ("b", torch.zeros(3))]
+    a = [("w", torch.arange(1000.0)), ("b", torch.zeros(3))]
     flipped = a[0][1].clone()
     flipped.view(torch.int32)[517] ^= 1
     assert weights_fingerprint(a) != weights_fingerprint([("w", flipped), a[1]])
+    assert weights_fingerprint(a) != weights_fingerprint([("w", a[0][1].flip(0)), a[1]])  # same sums, other bytes
     assert weights_fingerprint(a) != weights_fingerprint([("w", a[0][1].reshape(10, 100)), a[1]])
     assert weights_fingerprint(a) != weights_fingerprint([("v", a[0][1]), a[1]])
     assert weights_fingerprint(a) == weights_fingerprint([("module.w", a[0][1].clone()), a[1]])
@@ -212,8 +214,9 @@ def test_bad_update_changes_nothing_and_engine_keeps_serving(shared_pair, make_p
     prompts = make_prompts([5, 7], seed=4)
     fingerprint, version, outputs = llm.weights_fingerprint(), llm.weight_version, greedy(llm, prompts)
     build, error, text = BAD_UPDATES[label]
-    # valid values that differ from the engine's, around the bad item
-    named, kwargs = build([(n, p.detach() * 1.01 + 0.01) for n, p in trainer.named_parameters()])
+    # valid values around the bad item, different from the engine's whatever earlier cases left in it
+    scale = 1.0 + 0.01 * (list(BAD_UPDATES).index(label) + 1)
+    named, kwargs = build([(n, p.detach() * scale + 0.01) for n, p in trainer.named_parameters()])
     with pytest.raises(error) as info:
         llm.update_weights(named, **kwargs)
     assert text in str(info.value)
