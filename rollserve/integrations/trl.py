@@ -294,7 +294,18 @@ def _training_args(args: tuple, kwargs: dict):
     return kwargs["args"] if "args" in kwargs else (args[2] if len(args) > 2 else None)
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class _RollserveTrainerMixin:
+    """Builds the TRL trainer with vLLM switched off, then attaches a rollserve backend."""
+
+    def __init__(self, *args, rollserve_config: RollserveConfig | None = None, **kwargs):
+        if rollserve_config is not None and not isinstance(rollserve_config, RollserveConfig):
+            raise TypeError(f"rollserve_config must be a RollserveConfig, got {type(rollserve_config).__name__}")
+        with _without_vllm(_training_args(args, kwargs)):
+            super().__init__(*args, **kwargs)
+        attach(self, rollserve_config)
+
+
+class GRPOTrainer(_RollserveTrainerMixin, trl.GRPOTrainer):
     """`trl.GRPOTrainer` that generates with rollserve: TRL's arguments plus `rollserve_config`.
 
     `use_vllm` in the `GRPOConfig` is ignored (rollserve takes that path);
@@ -302,23 +313,9 @@ class GRPOTrainer(trl.GRPOTrainer):
     `sampling/sampling_logp_difference/*` and `sampling/importance_sampling_ratio/*`.
     """
 
-    def __init__(self, *args, rollserve_config: RollserveConfig | None = None, **kwargs):
-        if rollserve_config is not None and not isinstance(rollserve_config, RollserveConfig):
-            raise TypeError(f"rollserve_config must be a RollserveConfig, got {type(rollserve_config).__name__}")
-        with _without_vllm(_training_args(args, kwargs)):
-            super().__init__(*args, **kwargs)
-        attach(self, rollserve_config)
 
-
-class RLOOTrainer(trl.RLOOTrainer):
+class RLOOTrainer(_RollserveTrainerMixin, trl.RLOOTrainer):
     """`trl.RLOOTrainer` that generates with rollserve: TRL's arguments plus `rollserve_config`."""
-
-    def __init__(self, *args, rollserve_config: RollserveConfig | None = None, **kwargs):
-        if rollserve_config is not None and not isinstance(rollserve_config, RollserveConfig):
-            raise TypeError(f"rollserve_config must be a RollserveConfig, got {type(rollserve_config).__name__}")
-        with _without_vllm(_training_args(args, kwargs)):
-            super().__init__(*args, **kwargs)
-        attach(self, rollserve_config)
 
 
 class RolloutFunc:

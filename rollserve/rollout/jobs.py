@@ -41,7 +41,7 @@ class RequestEncoder:
         out = []
         for i, (prompt, raw) in enumerate(zip(prompts, params)):
             if conversations is None:
-                text, ids = self._prompt(i, prompt)
+                text, ids = self.llm._encode(i, prompt)  # the same checks and messages as LLM.generate
             else:
                 text, ids = self._conversation(i, prompt, header.get("chat_template_kwargs") or {})
             if isinstance(raw, dict) and "max_tokens" in raw and raw["max_tokens"] is None:  # to the context's end
@@ -54,17 +54,6 @@ class RequestEncoder:
                 raise ValueError(f"{field}[{i}]: {problem}")
             out.append((text, ids, p))
         return out
-
-    def _prompt(self, i: int, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is a string but the engine has no tokenizer; pass token ids")
-            if not prompt:
-                raise ValueError(f"prompts[{i}]: the prompt is empty")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
-        return None, prompt
 
     def _conversation(self, i: int, conv, kwargs) -> tuple[str, list[int]]:
         if self.tokenizer is None:
