@@ -4,7 +4,9 @@
 
 For each dtype: the trainer's parameters (that dtype) are synced into an engine (`LLM`, same dtype)
 in-process, through shared memory into an engine in another process, and by torch.distributed
-(gloo, loopback) into an engine in another process. The reference is `dst.copy_(src)` over the
+(gloo, loopback) into an engine in another process; each with the engine's default update (checked,
+then copied in) and with `double_buffer_weights=True` (copied into spare storage and checked in one
+pass, then swapped in). The reference is `dst.copy_(src)` over the
 same parameters into preallocated tensors, measured in the same run, alternating with each
 transport's syncs so that load from other processes hits both alike. After one untimed warm-up
 (which allocates the buckets), each figure is the best of `--repeats` timed runs (the least
@@ -52,14 +54,18 @@ def compare(fn, baseline, repeats: int) -> tuple[float, float, float]:
     return min(ours), min(base), statistics.median(ours) / statistics.median(base)
 
 
-def shm_engine(path, dtype, ready):
-    with SharedMemoryReceiver(LLM(path, dtype=dtype, kv_cache_memory=KV_CACHE)) as receiver:
+def engine(path, dtype, double_buffer):
+    return LLM(path, dtype=dtype, kv_cache_memory=KV_CACHE, double_buffer_weights=double_buffer)
+
+
+def shm_engine(path, dtype, double_buffer, ready):
+    with SharedMemoryReceiver(engine(path, dtype, double_buffer)) as receiver:
         ready.put(receiver.address)
         receiver.serve_forever()
 
 
-def dist_engine(path, dtype, port):
-    llm = LLM(path, dtype=dtype, kv_cache_memory=KV_CACHE)
+def dist_engine(path, dtype, double_buffer, port):
+    llm = engine(path, dtype, double_buffer)
     group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=1, world_size=2, timeout_s=600)
     DistributedReceiver(llm, group).serve_forever()
 
@@ -78,25 +84,28 @@ def bench(path, dtype: str, repeats: int, bucket_bytes: int) -> tuple[list[tuple
         for d, (_, s) in zip(dst, named):
             d.copy_(s)
 
-    sender = InProcessSender(LLM(path, dtype=dtype, kv_cache_memory=KV_CACHE))
-    rows = [("in-process", *compare(lambda: sender.send(named), plain_copy, repeats))]
-    sender.close()
+    rows = []
+    for double_buffer in (False, True):
+        mode = " +double buffer" if double_buffer else ""
+        sender = InProcessSender(engine(path, dtype, double_buffer))
+        rows.append((f"in-process{mode}", *compare(lambda: sender.send(named), plain_copy, repeats)))
+        sender.close()
 
-    spawn = multiprocessing.get_context("spawn")
-    ready = spawn.Queue()
-    proc = spawn.Process(target=shm_engine, args=(path, dtype, ready), daemon=True)
-    proc.start()
-    with SharedMemorySender(ready.get(timeout=300), bucket_bytes=bucket_bytes) as sender:
-        rows.append(("shared memory (+ZMQ)", *compare(lambda: sender.send(named), plain_copy, repeats)))
-    proc.kill()
+        spawn = multiprocessing.get_context("spawn")
+        ready = spawn.Queue()
+        proc = spawn.Process(target=shm_engine, args=(path, dtype, double_buffer, ready), daemon=True)
+        proc.start()
+        with SharedMemorySender(ready.get(timeout=300), bucket_bytes=bucket_bytes) as sender:
+            rows.append((f"shared memory{mode}", *compare(lambda: sender.send(named), plain_copy, repeats)))
+        proc.kill()
 
-    port = free_port()
-    proc = spawn.Process(target=dist_engine, args=(path, dtype, port), daemon=True)
-    proc.start()
-    group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=600)
-    with DistributedSender(group, bucket_bytes=bucket_bytes) as sender:
-        rows.append(("torch.distributed (gloo)", *compare(lambda: sender.send(named), plain_copy, repeats)))
-    proc.join(30)
+        port = free_port()
+        proc = spawn.Process(target=dist_engine, args=(path, dtype, double_buffer, port), daemon=True)
+        proc.start()
+        group = weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=600)
+        with DistributedSender(group, bucket_bytes=bucket_bytes) as sender:
+            rows.append((f"torch.distributed{mode}", *compare(lambda: sender.send(named), plain_copy, repeats)))
+        proc.join(30)
     return rows, sum(t.numel() * t.element_size() for _, t in named)
 
 
@@ -111,10 +120,10 @@ def main() -> None:
         rows, nbytes = bench(path, dtype, args.repeats, args.bucket_mb << 20)
         print(f"\nSmolLM2-135M {dtype}: {nbytes / 1e6:.0f} MB, {torch.get_num_threads()} torch threads, "
               f"best of {args.repeats}")
-        print(f"{'method':<26} {'seconds':>8} {'GB/s':>6}   {'plain copy':>10} {'GB/s':>6}   {'ratio':>6}   "
+        print(f"{'method':<34} {'seconds':>8} {'GB/s':>6}   {'plain copy':>10} {'GB/s':>6}   {'ratio':>6}   "
               f"{'median ratio':>12}")
         for name, seconds, base, median_ratio in rows:
-            print(f"{name:<26} {seconds:>8.3f} {nbytes / seconds / 1e9:>6.2f}   {base:>10.3f} "
+            print(f"{name:<34} {seconds:>8.3f} {nbytes / seconds / 1e9:>6.2f}   {base:>10.3f} "
                   f"{nbytes / base / 1e9:>6.2f}   {seconds / base:>5.2f}x   {median_ratio:>11.2f}x")
 
 

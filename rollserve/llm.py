@@ -1,6 +1,6 @@
 """`LLM`: the in-process engine users call."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import count
 import threading
 import time
@@ -30,12 +30,19 @@ class LLM:
     `model` is an HF folder, a `.gguf` file (converted once to a cached HF
     folder) or a live `PreTrainedModel` (the trainer's own module, used in
     place unless `dtype` asks for another). `kv_cache_memory` is in bytes.
+
+    `double_buffer_weights`: keep a second copy of the weights that `update_weights` writes
+    and checks in one pass while generation goes on, then swaps in between two steps (about
+    plain-copy speed, and generation pauses only for the swap) at the cost of one more copy of
+    the weights in memory. Off: the update is checked, then copied in between two steps.
     """
 
     def __init__(self, model, tokenizer=None, dtype="auto", block_size: int = 16,
                  kv_cache_memory: int = EngineConfig.kv_cache_memory, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, seed: int = 0):
+                 max_model_len: int | None = None, seed: int = 0, double_buffer_weights: bool = False):
+        if not isinstance(double_buffer_weights, bool):
+            raise ValueError(f"double_buffer_weights={double_buffer_weights!r} is invalid: must be True or False")
         config = EngineConfig(block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               enable_prefix_caching, max_model_len, seed)
         self.model, tokenizer_source = load_model(model, resolve_dtype(dtype))
@@ -50,6 +57,7 @@ class LLM:
         self._request_ids = count()
         self._step_lock = threading.Lock()  # held around each engine step and each weight update
         self._update_gate = threading.Lock()  # a waiting update holds it, so the step loop cannot starve it
+        self._weight_buffers = updater.WeightBuffers() if double_buffer_weights else None
 
     @staticmethod
     def _load_tokenizer(tokenizer, source):
@@ -103,7 +111,9 @@ class LLM:
         after the cast to the engine dtype), an iterable that raises, and with `require_all`
         any parameter not given. A bad update raises `WeightUpdateError` (a `ValueError`)
         listing the offending names and changes nothing. Tensors already in the engine's
-        dtype and device are read in place, so they must not change until this returns.
+        dtype and device are read in place, so they must not change until this returns. With
+        `double_buffer_weights=True` the update is copied into spare storage and checked there
+        while generation goes on, then swapped in (parameters then change address).
 
         `version` must be an int greater than `weight_version` (default: +1). Called
         from another thread while `generate` runs, the update waits for the current
@@ -111,11 +121,13 @@ class LLM:
         new weights. The prefix cache is dropped, blocks in use included.
         """
         new_version = updater.next_version(self.weight_version, version)
-        staged = updater.stage_update(self.model, named_tensors, require_all)
-        with self._update_gate, self._step_lock:
-            new_version = updater.next_version(self.weight_version, version)  # another update may have won
-            staged.apply()
-            self.engine.weights_updated(new_version)
+        buffers = self._weight_buffers
+        with buffers.lock if buffers is not None else nullcontext():
+            staged = updater.stage_update(self.model, named_tensors, require_all, buffers)
+            with self._update_gate, self._step_lock:
+                new_version = updater.next_version(self.weight_version, version)  # another update may have won
+                staged.apply()
+                self.engine.weights_updated(new_version)
         return new_version
 
     def advance_weight_version(self, version: int | None = None) -> int:
@@ -141,10 +153,14 @@ class LLM:
         `level=1` frees the KV cache (cached prefixes are forgotten). `level=2` also moves
         the engine's weights to host memory (a no-op where they already are; an engine that
         runs on a trainer's module in place should use level 1, or the trainer's weights
-        move too). Requests may not be in flight; `generate` raises until `wake_up()`.
+        move too). The spare weights of `double_buffer_weights` are freed at either level.
+        Requests may not be in flight; `generate` raises until `wake_up()`.
         """
         if level not in (1, 2) or isinstance(level, bool):
             raise ValueError(f"level={level!r} is invalid: must be 1 (KV cache) or 2 (KV cache and owned weights)")
+        with self._weight_buffers.lock if self._weight_buffers is not None else nullcontext():
+            if self._weight_buffers is not None:
+                self._weight_buffers.clear()  # spares are made again by the next update
         with self._update_gate, self._step_lock:
             self.engine.sleep()
             if level == 2:

@@ -3,11 +3,14 @@
 import threading
 import time
 
+import pytest
+
 from rollserve import LLM, SamplingParams
 
 
-def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts):
-    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=1 << 22)
+@pytest.mark.parametrize("double_buffer", [False, True], ids=["copy-in", "double-buffer"])
+def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts, double_buffer):
+    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=1 << 22, double_buffer_weights=double_buffer)
     trainer = tiny_model("llama", seed=1)
     prompts = make_prompts([5, 6, 7, 8], seed=7)
     params = SamplingParams(temperature=0, max_tokens=40)

@@ -27,10 +27,14 @@ def train_step(model, prompts, lr=0.05):
     return model.eval()
 
 
-@pytest.fixture
-def pair(tiny_model):
+BUFFERING = pytest.mark.parametrize("double_buffer", [False, True], ids=["copy-in", "double-buffer"])
+
+
+@pytest.fixture(params=[False, True], ids=["copy-in", "double-buffer"])
+def pair(tiny_model, request):
     """An engine on llama seed 0 and a trainer module with other weights (seed 1)."""
-    return LLM(tiny_model("llama", seed=0), kv_cache_memory=KV), tiny_model("llama", seed=1)
+    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=KV, double_buffer_weights=request.param)
+    return llm, tiny_model("llama", seed=1)
 
 
 def tied_model(tiny_model, seed):
@@ -62,7 +66,10 @@ def test_sync_is_bit_equal_and_fingerprints_match(pair, make_prompts):
     engine = dict(llm.model.named_parameters())
     for name, p in trainer.named_parameters():
         assert torch.equal(engine[name], p), name
-        assert engine[name].data_ptr() == addresses[name]  # copied in place, not swapped in
+        if llm._weight_buffers is None:
+            assert engine[name].data_ptr() == addresses[name]  # copied in place, not swapped in
+        else:
+            assert engine[name].data_ptr() != addresses[name]  # written into the spare, then swapped in
     assert llm.weights_fingerprint() == weights_fingerprint(trainer.named_parameters())
     assert llm.weights_fingerprint() == weights_fingerprint(reversed(list(trainer.state_dict().items())))
     assert llm.weight_version == 1
@@ -81,11 +88,12 @@ def test_fingerprint_sees_a_single_bit():
     assert weights_fingerprint(a) == weights_fingerprint([("module.w", a[0][1].clone()), a[1]])
 
 
+@BUFFERING
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_training_step_changes_greedy_and_matches_a_fresh_engine(tiny_model, make_prompts, dtype):
+def test_training_step_changes_greedy_and_matches_a_fresh_engine(tiny_model, make_prompts, dtype, double_buffer):
     prompts = make_prompts([6, 9, 4], seed=1)
     initial = tiny_model("llama", seed=0)
-    llm = LLM(copy.deepcopy(initial), dtype=dtype, kv_cache_memory=KV)
+    llm = LLM(copy.deepcopy(initial), dtype=dtype, kv_cache_memory=KV, double_buffer_weights=double_buffer)
     old = greedy(llm, prompts)
     trainer = train_step(copy.deepcopy(initial), make_prompts([12, 12], seed=2))
     llm.update_weights(trainer.named_parameters(), require_all=True)
@@ -203,9 +211,10 @@ BAD_UPDATES = {  # label -> (build(trainer params) -> (named_tensors, kwargs), e
 }
 
 
-@pytest.fixture(scope="module")
-def shared_pair(tiny_model):
-    return LLM(tiny_model("llama", seed=0), kv_cache_memory=KV), tiny_model("llama", seed=1)
+@pytest.fixture(scope="module", params=[False, True], ids=["copy-in", "double-buffer"])
+def shared_pair(tiny_model, request):
+    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=KV, double_buffer_weights=request.param)
+    return llm, tiny_model("llama", seed=1)
 
 
 @pytest.mark.parametrize("label", list(BAD_UPDATES))
@@ -287,3 +296,57 @@ def test_smollm2_tied_update_and_fingerprint(smollm2_path):
     new = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
     assert new != old
     assert new == LLM(trainer, kv_cache_memory=1 << 26).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_finiteness_check_agrees_with_isfinite_on_every_bit_pattern(dtype):
+    """The half-precision check reads raw bits: each of the 65,536 patterns, alone in a tensor
+    (and at the end of a chunk-spanning one), must be judged as `torch.isfinite` judges it."""
+    from rollserve.weight_sync.updater import _CHECK_CHUNK_BYTES, _is_finite
+
+    if dtype == torch.float32:
+        patterns = torch.tensor([0.0, -0.0, 1e-45, -3.4e38, 3.4e38, float("inf"), float("-inf"), float("nan"),
+                                 -float("nan")], dtype=dtype)
+    else:
+        patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = torch.isfinite(patterns)
+    assert _is_finite(patterns[finite])  # all finite patterns together
+    big = torch.ones(_CHECK_CHUNK_BYTES // patterns.element_size() * 3, dtype=dtype)
+    for value in patterns[~finite]:  # each non-finite one alone, and in a later chunk than the first
+        assert not _is_finite(value.reshape(1)), value
+        big[-1] = value
+        assert not _is_finite(big), value
+    filler = torch.ones(7, dtype=dtype)
+    assert _is_finite(filler) and _is_finite(torch.empty(0, dtype=dtype))
+    big = torch.full((1000,), 6e4 if dtype == torch.float16 else 3e38, dtype=dtype)  # the sum overflows
+    assert _is_finite(big)
+
+
+def test_double_buffered_swaps_back_and_forth_in_bf16(tiny_model, make_prompts):
+    """Each swap alternates between two storages; the bf16-on-CPU engine keeps fp32 copies of its
+    weights keyed on (version counter, address), which must refresh even when, after two updates
+    with no step between them, an address comes back with other contents."""
+    prompts = make_prompts([6, 9, 4], seed=1)
+    models = {name: tiny_model("llama", seed=seed) for name, seed in (("a", 0), ("b", 1), ("c", 2))}
+    expected = {name: greedy(LLM(copy.deepcopy(m), dtype="bf16", kv_cache_memory=KV), prompts)
+                for name, m in models.items()}
+    assert len({tuple(map(tuple, e)) for e in expected.values()}) == 3
+    llm = LLM(copy.deepcopy(models["a"]), dtype="bf16", kv_cache_memory=KV, double_buffer_weights=True)
+    assert greedy(llm, prompts) == expected["a"]
+    for first, second in ("bc", "ab", "ca"):
+        llm.update_weights(models[first].named_parameters(), require_all=True)
+        llm.update_weights(models[second].named_parameters(), require_all=True)
+        assert greedy(llm, prompts) == expected[second], (first, second)
+        assert llm.weights_fingerprint() == weights_fingerprint(models[second].named_parameters(),
+                                                                dtype=torch.bfloat16)
+    assert llm.weight_version == 6
+    llm.sleep()  # frees the spares too
+    assert llm._weight_buffers._spares == {}
+    llm.wake_up()
+    llm.update_weights(models["b"].named_parameters())
+    assert greedy(llm, prompts) == expected["b"]
+
+
+def test_double_buffer_weights_must_be_a_bool(tiny_model):
+    with pytest.raises(ValueError, match="double_buffer_weights='yes' is invalid"):
+        LLM(tiny_model("llama", seed=0), kv_cache_memory=KV, double_buffer_weights="yes")
