@@ -321,7 +321,10 @@ class RemoteLLM:
             if self._tokenizer is None or isinstance(self._tokenizer, str):
                 from transformers import AutoTokenizer
 
-                path = self._tokenizer if isinstance(self._tokenizer, str) else self.info().get("tokenizer")
+                if isinstance(self._tokenizer, str):  # the caller's choice: no fallback to the server's
+                    self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
+                    return self._tokenizer
+                path = self.info().get("tokenizer")
                 if path is None:
                     raise ValueError(f"the rollserve server at {self.address} has no tokenizer (its model came "
                                      f"without one); pass RemoteLLM(..., tokenizer=...)")

@@ -291,6 +291,10 @@ def test_get_tokenizer_from_the_server_folder_or_its_files(server, remote, tiny_
         fetched = other_host.get_tokenizer()
         assert fetched.name_or_path != tiny_folder
         assert (fetched("Hello there, world").input_ids, fetched.apply_chat_template(conv, tokenize=False)) == expected
+    with RemoteLLM(server.info["zmq"], timeout=30, tokenizer=ref) as given:
+        assert given.get_tokenizer() is ref
+    with pytest.raises(TypeError, match="tokenizer must be"):
+        RemoteLLM(server.info["zmq"], tokenizer=3)
 
 
 def _raw_call(address: str, frames: list, timeout_ms: int = 10000) -> dict:
