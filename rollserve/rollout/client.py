@@ -272,9 +272,10 @@ class RemoteLLM:
                     self._simple({"type": "close_weight_group"})
                 except Exception:  # noqa: BLE001 - the join failure is the error to report
                     pass
-                raise RuntimeError(f"the rollserve server at {self.address} did not join the weight group at "
-                                   f"{init_method} within {self.timeout} s (can it reach that address? pass "
-                                   f"init_method='tcp://<an address of this host it can reach>:<port>'): "
+                raise RuntimeError(f"could not build the weight group with the rollserve server at {self.address} "
+                                   f"within {self.timeout} s: this process (rank 0) listens at init_method="
+                                   f"{init_method!r} and the server must reach it (else pass init_method='tcp://"
+                                   f"<an address of this host it can reach>:<a free port>'): "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
             self._sender_box[1] = DistributedSender(group, src=0, bucket_bytes=bucket_bytes)
 

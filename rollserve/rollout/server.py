@@ -24,6 +24,7 @@ import queue
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -36,6 +37,7 @@ from .jobs import Job, RequestEncoder, unstarted_output
 CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache", "init_weight_group",
            "close_weight_group"}
 PAUSE_MODES = ("wait", "abort", "keep")
+_GROUP_THREAD = "rollserve-weight-group"
 
 
 class _CoreTarget:
@@ -62,7 +64,7 @@ class _WeightGroup:
         self.server, self.init_method, self.rank, self.world_size = server, init_method, rank, world_size
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.state, self.closed = "joining", False
-        self.thread = threading.Thread(target=self._run, name="rollserve-weight-group", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=_GROUP_THREAD, daemon=True)
 
     @property
     def active(self) -> bool:
@@ -609,6 +611,11 @@ def run(args: argparse.Namespace) -> None:
     start = time.monotonic()
     server.serve_forever()
     print(f"rollserve server stopped after {time.monotonic() - start:.1f} s", flush=True)
+    if any(t.name == _GROUP_THREAD and t.is_alive() for t in threading.enumerate()):
+        # a weight-group thread still blocked in gloo / TCPStore (until its timeout): finalizing the
+        # interpreter under it can crash, so leave now (everything is closed and flushed)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ class Server:
             assert time.monotonic() < deadline, "".join(self.log)
         else:
             raise AssertionError("server exited before READY:\n" + "".join(self.log))
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
@@ -77,7 +78,9 @@ class Server:
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
+        code = self.proc.wait(timeout=60)
+        self._drainer.join(timeout=10)  # its last lines are in the log
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +429,12 @@ def test_update_weights_over_a_distributed_group(server, tiny_folder):
             r.init_weight_group("localhost:1234")
         with pytest.raises(ValueError, match="timeout_s"):
             r.init_weight_group(timeout_s=0)
+        with socket.socket() as busy, RemoteLLM(server.info["zmq"], timeout=5, api_key=API_KEY) as short:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(RuntimeError, match="could not build the weight group"):  # rank 0 cannot listen there
+                short.init_weight_group(f"tcp://127.0.0.1:{busy.getsockname()[1]}")
+        assert r.health()["weight_group"]["state"] == "closed"  # the failed group does not block the next one
         r.init_weight_group(timeout_s=60, bucket_bytes=4 << 20)  # the tiny model travels in several buckets
         _wait_for(lambda: r.health()["weight_group"]["state"] == "ready", 30)
         with pytest.raises(ValueError, match="already has a weight group"):
