@@ -1,14 +1,19 @@
 """The engine server under load, and RemoteLLM against the in-process LLM.
 
     python benchmarks/server_load.py [--model PATH] [--dtype fp32] [--clients 64] [--requests 20] [--max-tokens 32]
-                                     [--skip-load] [--skip-ratio] [--num-prompts 32]
+                                     [--skip-load] [--skip-ratio] [--num-prompts 32] [--ratio-max-tokens 128]
+                                     [--kv-cache-memory BYTES]
+
+Defaults: SmolLM2-135M-Instruct (`rollserve.smollm2_135m_instruct()`) and the issue's shape (64 clients x 20
+requests; the full GRPO workload). A quick check that it runs: `--clients 4 --requests 2 --max-tokens 8
+--num-prompts 2 --ratio-max-tokens 16`. This checkout's `rollserve` is used, in the server process too.
 
 1. `--clients` concurrent streaming HTTP clients (SSE, /v1/chat/completions) each send `--requests`
    requests one after another; prints errors, completion tokens/s, requests/s, and p50/p99 of the
    request latency and of the time to first token.
 2. The GRPO workload (benchmarks/workload.py: 32 chat prompts x n=8, T=1, up to 128 tokens) through
-   `RemoteLLM.chat` and through an in-process `LLM.chat` on the same model, one after the other;
-   prints both tokens/s and the ratio RemoteLLM / LLM.
+   `RemoteLLM.chat` and through an in-process `LLM.chat` on the same model, one after the other
+   (the same engine settings; the server idles meanwhile); prints both tokens/s and the ratio RemoteLLM / LLM.
 The server runs as a subprocess (`python -m rollserve.rollout.server`) on free loopback ports.
 """
 
@@ -22,10 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-from workload import MAX_NEW_TOKENS, NUM_GENERATIONS, QUESTIONS, TEMPERATURE, conversations  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [os.path.dirname(__file__), str(ROOT)]  # this checkout's rollserve, not another installed one
+from workload import MAX_NEW_TOKENS, NUM_GENERATIONS, QUESTIONS, TEMPERATURE, conversations  # noqa: E402
 
 
 def start_server(model: str, dtype: str, *extra: str) -> tuple[subprocess.Popen, dict]:
@@ -103,7 +107,7 @@ def run_ratio(args, info) -> None:
     from rollserve.rollout.client import RemoteLLM
 
     convs = conversations(args.num_prompts)
-    params = SamplingParams(n=NUM_GENERATIONS, temperature=TEMPERATURE, max_tokens=MAX_NEW_TOKENS, logprobs=0)
+    params = SamplingParams(n=NUM_GENERATIONS, temperature=TEMPERATURE, max_tokens=args.ratio_max_tokens, logprobs=0)
     warm = SamplingParams(max_tokens=8)
 
     def timed(engine) -> tuple[float, int]:
@@ -117,9 +121,10 @@ def run_ratio(args, info) -> None:
     remote = RemoteLLM(info["zmq"], timeout=600)
     remote_rate, remote_tokens = timed(remote)
     remote.close()
-    llm = LLM(args.model, dtype=args.dtype, seed=0)
+    kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
+    llm = LLM(args.model, dtype=args.dtype, seed=0, **kwargs)
     local_rate, local_tokens = timed(llm)
-    print(f"[ratio] GRPO workload ({len(convs)} prompts x n={NUM_GENERATIONS}, max_tokens={MAX_NEW_TOKENS}, "
+    print(f"[ratio] GRPO workload ({len(convs)} prompts x n={NUM_GENERATIONS}, max_tokens={args.ratio_max_tokens}, "
           f"{args.dtype}): RemoteLLM {remote_rate:.1f} tok/s ({remote_tokens} tokens) | in-process LLM "
           f"{local_rate:.1f} tok/s ({local_tokens} tokens) | ratio {remote_rate / local_rate:.3f}", flush=True)
 
@@ -132,6 +137,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--ratio-max-tokens", type=int, default=MAX_NEW_TOKENS)
+    ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes, for the server and the in-process LLM")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-ratio", action="store_true")
     args = ap.parse_args()
@@ -139,7 +146,11 @@ def main() -> None:
         from rollserve import smollm2_135m_instruct
 
         args.model = str(smollm2_135m_instruct())
-    proc, info = start_server(args.model, args.dtype, "--seed", "0")
+    for field in ("clients", "requests", "max_tokens", "num_prompts", "ratio_max_tokens"):
+        if getattr(args, field) < 1:
+            ap.error(f"--{field.replace('_', '-')} must be >= 1, got {getattr(args, field)}")
+    extra = () if args.kv_cache_memory is None else ("--kv-cache-memory", str(args.kv_cache_memory))
+    proc, info = start_server(args.model, args.dtype, "--seed", "0", *extra)
     try:
         if not args.skip_load:
             run_load(args, info)

@@ -1,10 +1,13 @@
 """`RemoteLLM`: the `LLM` API, served by an engine in another process (`rollserve serve`)."""
 
+import ipaddress
 import itertools
+import os
 import socket
 import threading
 import time
 import weakref
+from urllib.parse import urlparse
 
 import zmq
 
@@ -13,7 +16,7 @@ from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
 
 _TERMINAL = ("reply", "result", "done", "error")
-_TRANSPORTS = ("auto", "shm", "zmq")
+_TRANSPORTS = ("auto", "shm", "zmq", "distributed")
 
 
 class _Conn:
@@ -34,25 +37,33 @@ class RemoteLLM:
     same object works again once a server is back. Safe to share between threads: each
     call uses a socket of its own from a pool. `api_key`: the server's `--api-key`.
     `weight_transport`: how `update_weights` ships tensors — `"shm"` (shared-memory
-    buckets, same host), `"zmq"` (tensor frames over this connection) or `"auto"` (shm
-    when the server runs on this host).
+    buckets, same host), `"zmq"` (tensor frames over this connection, at most the server's
+    `--max-update-bytes` per update), `"distributed"` (the `torch.distributed` group of
+    `init_weight_group()`, across hosts) or `"auto"` (that group once initialized, else shm
+    when the server runs on this host, else zmq). `tokenizer`: what `get_tokenizer()`
+    returns (a tokenizer or a folder; default: the server's, see `get_tokenizer`).
     """
 
     def __init__(self, address: str, timeout: float = 60.0, api_key: str | None = None,
-                 weight_transport: str = "auto"):
+                 weight_transport: str = "auto", tokenizer=None):
         if not isinstance(address, str) or "://" not in address:
             raise ValueError(f"address must be a ZMQ endpoint such as 'tcp://127.0.0.1:5555', got {address!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if weight_transport not in _TRANSPORTS:
             raise ValueError(f"weight_transport={weight_transport!r} is invalid: must be one of {_TRANSPORTS}")
+        if api_key is not None and not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+        if not (tokenizer is None or isinstance(tokenizer, str) or callable(getattr(tokenizer, "encode", None))):
+            raise TypeError(f"tokenizer must be a tokenizer, a folder path or None, got {type(tokenizer).__name__}")
         self.address, self.timeout, self.api_key, self.weight_transport = address, float(timeout), api_key, weight_transport
         self._context = zmq.Context()
         self._pool: list[_Conn] = []
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._sender_box = [None]  # the SharedMemorySender, made on first use (shared with the finalizer)
+        self._sender_box = [None, None]  # the SharedMemorySender (made on first use), the DistributedSender
         self._sender_lock = threading.Lock()
+        self._tokenizer, self._tokenizer_lock = tokenizer, threading.Lock()
         self._finalizer = weakref.finalize(self, _close, self._pool, self._context, self._sender_box)
 
     # -- connections ------------------------------------------------------------
@@ -187,26 +198,109 @@ class RemoteLLM:
             raise TypeError(f"require_all must be a bool, got {type(require_all).__name__}")
         if hasattr(named_tensors, "items"):
             named_tensors = named_tensors.items()
-        if self._use_shm():
+        transport = self._transport()
+        if transport == "distributed":
+            with self._sender_lock:
+                sender = self._sender_box[1]
+                if sender is None:
+                    raise ValueError("weight_transport='distributed' needs a weight group: call init_weight_group() "
+                                     "first")
+                return sender.send(named_tensors, version=version, require_all=require_all)
+        if transport == "shm":
             with self._sender_lock:
                 return self._shm_sender().send(named_tensors, version=version, require_all=require_all)
         entries, frames = protocol.tensors_to_frames(named_tensors)
+        total, limit = sum(len(f) for f in frames), self.info().get("max_update_bytes")
+        if isinstance(limit, int) and total > limit:
+            raise ValueError(f"update_weights: the tensors hold {total} bytes, more than the server's "
+                             f"max_update_bytes={limit} for one update over ZMQ; nothing was sent. Use "
+                             f"weight_transport='shm' (same host) or init_weight_group(), or raise the server's "
+                             f"--max-update-bytes")
         for reply in self._call({"type": "update_weights", "tensors": entries, "version": version,
                                  "require_all": require_all}, frames):
             return reply["version"]
 
-    def _use_shm(self) -> bool:
+    def _transport(self) -> str:
         if self.weight_transport != "auto":
-            return self.weight_transport == "shm"
-        return self.info()["hostname"] == socket.gethostname()
+            return self.weight_transport
+        if self._sender_box[1] is not None:
+            return "distributed"
+        return "shm" if self.info()["hostname"] == socket.gethostname() else "zmq"
 
     def _shm_sender(self):
         if self._sender_box[0] is None:
             from ..weight_sync.transports import SharedMemorySender
 
             address = self.info()["weights"].replace("0.0.0.0", "127.0.0.1")
-            self._sender_box[0] = SharedMemorySender(address, timeout_s=max(self.timeout, 60.0))
+            self._sender_box[0] = SharedMemorySender(address, timeout_s=max(self.timeout, 60.0), api_key=self.api_key)
         return self._sender_box[0]
+
+    def init_weight_group(self, init_method: str | None = None, timeout_s: float = 1800.0,
+                          bucket_bytes: int = 64 << 20) -> None:
+        """Builds a `torch.distributed` (gloo) group with the server for `update_weights` across hosts.
+
+        As TRL's `VLLMClient.init_communicator`: this process is rank 0 of a 2-rank group and hosts its
+        rendezvous at `init_method` (`tcp://host:port`; default: a free port on this host's address
+        towards the server, 127.0.0.1 for a server on loopback), which the server must reach; the
+        server joins as rank 1. Afterwards `update_weights` broadcasts packed buckets of `bucket_bytes`
+        over the group (with `weight_transport="auto"` or `"distributed"`); the server applies them
+        atomically between engine steps, exactly as the other transports. `timeout_s` bounds every
+        transfer, and also how long the group may stay idle between updates before the server drops
+        it (then call this again). Raises `ValueError` naming a bad argument, `RuntimeError` if the
+        server does not join within this client's `timeout`. `close_weight_group()` ends it.
+        """
+        from ..weight_sync.distributed import DistributedSender, check_group_args, weight_sync_group
+        from ..weight_sync.wire import check_positive
+
+        check_positive("timeout_s", timeout_s)
+        check_positive("bucket_bytes", bucket_bytes)
+        if init_method is not None:
+            check_group_args(init_method, 0, 2, timeout_s)
+        with self._sender_lock:
+            current = self._sender_box[1]
+            if current is not None and current._broken is None:
+                raise ValueError("this RemoteLLM already has a weight group: call close_weight_group() first")
+            self._sender_box[1] = None
+            if init_method is None:
+                init_method = f"tcp://{self._local_address()}:{_free_port()}"
+            self._simple({"type": "init_weight_group", "init_method": init_method, "rank": 1, "world_size": 2,
+                          "timeout_s": float(timeout_s), "connect_timeout_s": self.timeout})
+            try:
+                group = weight_sync_group(init_method, 0, 2, timeout_s, connect_timeout_s=self.timeout)
+            except Exception as e:
+                try:
+                    self._simple({"type": "close_weight_group"})
+                except Exception:  # noqa: BLE001 - the join failure is the error to report
+                    pass
+                raise RuntimeError(f"could not build the weight group with the rollserve server at {self.address} "
+                                   f"within {self.timeout} s: this process (rank 0) listens at init_method="
+                                   f"{init_method!r} and the server must reach it (else pass init_method='tcp://"
+                                   f"<an address of this host it can reach>:<a free port>'): "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            self._sender_box[1] = DistributedSender(group, src=0, bucket_bytes=bucket_bytes)
+
+    def close_weight_group(self) -> None:
+        """Ends the weight group of `init_weight_group` on both sides (no-op without one)."""
+        with self._sender_lock:
+            sender, self._sender_box[1] = self._sender_box[1], None
+            if sender is None:
+                return
+            try:
+                self._simple({"type": "close_weight_group"})
+            finally:
+                _close_group(sender)
+
+    def _local_address(self) -> str:
+        """This host's address on the route to the server (127.0.0.1 for a server on loopback)."""
+        host = urlparse(self.address).hostname or "127.0.0.1"
+        try:
+            if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+                return "127.0.0.1"
+        except ValueError:  # a host name
+            pass
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # no packet is sent: this only picks the route
+            return s.getsockname()[0]
 
     @property
     def weight_version(self) -> int:
@@ -215,6 +309,43 @@ class RemoteLLM:
     def weights_fingerprint(self) -> str:
         """As `LLM.weights_fingerprint`: compare with the trainer's `weights_fingerprint(...)`."""
         return self._simple({"type": "weights_fingerprint"})["fingerprint"]
+
+    # -- tokenizer --------------------------------------------------------------------
+    def get_tokenizer(self):
+        """As `LLM.get_tokenizer`: the server's tokenizer, loaded here once (or the one given to the constructor).
+
+        Loaded from the folder the server reports when this host has it (same host, shared file system);
+        otherwise the server sends its tokenizer's files (`save_pretrained`), which are loaded from a
+        temporary folder. Raises `ValueError` if the server has no tokenizer.
+        """
+        with self._tokenizer_lock:
+            if self._tokenizer is None or isinstance(self._tokenizer, str):
+                from transformers import AutoTokenizer
+
+                if isinstance(self._tokenizer, str):  # the caller's choice: no fallback to the server's
+                    self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
+                    return self._tokenizer
+                path = self.info().get("tokenizer")
+                if path is None:
+                    raise ValueError(f"the rollserve server at {self.address} has no tokenizer (its model came "
+                                     f"without one); pass RemoteLLM(..., tokenizer=...)")
+                if os.path.isdir(path):
+                    self._tokenizer = AutoTokenizer.from_pretrained(path)
+                else:
+                    self._tokenizer = self._fetch_tokenizer(AutoTokenizer)
+            return self._tokenizer
+
+    def _fetch_tokenizer(self, auto_tokenizer):
+        import tempfile
+
+        files = self._simple({"type": "tokenizer_files"})["files"]
+        with tempfile.TemporaryDirectory(prefix="rollserve-tokenizer-") as folder:
+            for name, data in files.items():
+                if os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise ValueError(f"the server sent a tokenizer file with a bad name {name!r}")
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(data)
+            return auto_tokenizer.from_pretrained(folder)
 
     # -- control ----------------------------------------------------------------------
     def pause(self, mode: str = "wait") -> None:
@@ -258,8 +389,25 @@ class RemoteLLM:
 def _close(pool: list, context, sender: list) -> None:
     if sender[0] is not None:
         sender[0].close()
+    if sender[1] is not None:
+        _close_group(sender[1])
+        sender[1] = None
     pool.clear()
     context.destroy(linger=0)  # also closes sockets still checked out (an unfinished stream): term() would hang
+
+
+def _close_group(sender) -> None:
+    """Tells the server's group receiver to stop (best effort: the group may already be broken)."""
+    try:
+        sender.close()
+    except RuntimeError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _normalize_prompts(prompts) -> list:

@@ -1,14 +1,17 @@
 """The engine server: an `LLM` in its own process behind a ZMQ front and an OpenAI-compatible HTTP front.
 
     python -m rollserve.rollout.server --model PATH [--host 127.0.0.1] [--zmq-port 0] [--http-port 0]
-                                       [--weights-port 0] [--api-key KEY] [--shm-prefix NAME] ...
+                                       [--weights-port 0] [--api-key KEY] [--shm-prefix NAME]
+                                       [--max-update-bytes N] ...
 
 One thread (the core loop, the main thread) owns the engine and the ZMQ ROUTER
 socket: it reads messages between engine steps, steps while there is work,
 and routes finished outputs and streaming deltas to whoever asked. Everything
 that touches the engine runs there, so weight updates, pauses and aborts fall
-between steps. The HTTP front (uvicorn, its own thread) and the shared-memory
-weight receiver (its own thread) hand work to the core loop with `call`.
+between steps. The HTTP front (uvicorn, its own thread), the shared-memory
+weight receiver (its own thread) and, once a client asked for one
+(`init_weight_group`), the receiver of a `torch.distributed` weight group
+(its own thread) hand work to the core loop with `call`.
 Once ready, the process prints one line `ROLLSERVE READY {json addresses}`.
 """
 
@@ -21,6 +24,7 @@ import queue
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -30,8 +34,10 @@ import zmq
 from . import protocol
 from .jobs import Job, RequestEncoder, unstarted_output
 
-CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache"}
+CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache", "init_weight_group",
+           "close_weight_group"}
 PAUSE_MODES = ("wait", "abort", "keep")
+_GROUP_THREAD = "rollserve-weight-group"
 
 
 class _CoreTarget:
@@ -45,14 +51,83 @@ class _CoreTarget:
         return self.server.call(lambda: self.server.llm.update_weights(named, version, require_all)).result()
 
 
+class _WeightGroup:
+    """A `torch.distributed` weight group the server joined (as an engine rank) on a client's request.
+
+    Its thread joins the group, then applies each update the trainer (rank 0) broadcasts, between two
+    engine steps; a refused update is reported to the trainer and skipped. `state`: "joining", "ready",
+    "closed" (the trainer or `close_weight_group` closed it) or "failed: why" (a peer died or timed out).
+    """
+
+    def __init__(self, server, init_method: str, rank: int, world_size: int, timeout_s: float,
+                 connect_timeout_s: float):
+        self.server, self.init_method, self.rank, self.world_size = server, init_method, rank, world_size
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        self.state, self.closed = "joining", False
+        self.thread = threading.Thread(target=self._run, name=_GROUP_THREAD, daemon=True)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("joining", "ready")
+
+    def describe(self) -> dict:
+        return {"state": self.state, "init_method": self.init_method, "rank": self.rank,
+                "world_size": self.world_size}
+
+    def close(self) -> None:
+        """Updates that still arrive on this group are refused; its thread ends once the group does."""
+        self.closed = True
+        if self.active:
+            self.state = "closed"
+
+    def update_weights(self, named_tensors, version=None, require_all=False) -> int:
+        named = list(named_tensors)
+
+        def apply():  # on the core loop, so it cannot interleave with close_weight_group
+            if self.closed:
+                raise ValueError("this weight group was closed on the server (close_weight_group); "
+                                 "nothing was applied: call init_weight_group again")
+            return self.server.llm.update_weights(named, version, require_all)
+
+        return self.server.call(apply).result()
+
+    def _run(self) -> None:
+        from ..weight_sync.distributed import DistributedReceiver, weight_sync_group
+
+        try:
+            group = weight_sync_group(self.init_method, self.rank, self.world_size, self.timeout_s,
+                                      self.connect_timeout_s)
+            receiver = DistributedReceiver(self, group, src=0)
+            if self.closed:
+                return
+            self.state = "ready"
+            while not self.closed:
+                try:
+                    if receiver.receive() is None:  # the trainer closed the group
+                        break
+                except (ValueError, TypeError):  # refused: the trainer got the same error, the weights are unchanged
+                    continue
+            if not self.closed:
+                self.state = "closed"
+        except BaseException as e:  # noqa: BLE001 - a dead peer, a timeout, the server shutting down
+            if not self.closed:
+                self.state = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                print(f"rollserve: weight group {self.init_method} {self.state}", flush=True)
+
+
 class EngineServer:
     """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP."""
 
     def __init__(self, llm, host: str = "127.0.0.1", zmq_port: int = 0, http_port: int | None = 0,
                  weights_port: int = 0, api_key: str | None = None, shm_prefix: str | None = None,
-                 served_model_name: str = "rollserve", max_request_bytes: int = 16 << 20):
+                 served_model_name: str = "rollserve", max_request_bytes: int = 16 << 20,
+                 max_update_bytes: int = 4 << 30):
+        for field, value in (("max_request_bytes", max_request_bytes), ("max_update_bytes", max_update_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive int (bytes), got {value!r}")
         self.llm, self.host, self.api_key, self.model_name = llm, host, api_key, served_model_name
-        self.max_request_bytes = max_request_bytes
+        self.max_request_bytes, self.max_update_bytes = max_request_bytes, max_update_bytes
+        self._weight_group: _WeightGroup | None = None
         self.server_id = secrets.token_hex(8)
         self.encoder = RequestEncoder(llm)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -85,7 +160,8 @@ class EngineServer:
     def _start_receiver(self, host, port, prefix):
         from ..weight_sync.transports import SharedMemoryReceiver
 
-        receiver = SharedMemoryReceiver(_CoreTarget(self), f"tcp://{host}:{port or '*'}", prefix)
+        receiver = SharedMemoryReceiver(_CoreTarget(self), f"tcp://{host}:{port or '*'}", prefix,
+                                        api_key=self.api_key)
 
         def serve():
             try:
@@ -101,7 +177,20 @@ class EngineServer:
         return {"server_id": self.server_id, "protocol": protocol.PROTOCOL, "zmq": self.zmq_address,
                 "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
                 "hostname": socket.gethostname(), "model": self.model_name, "max_model_len": self.llm.max_model_len,
-                "weight_version": self.llm.weight_version, "pid": os.getpid()}
+                "weight_version": self.llm.weight_version, "pid": os.getpid(), "tokenizer": self.tokenizer_path(),
+                "max_request_bytes": self.max_request_bytes, "max_update_bytes": self.max_update_bytes,
+                "weight_group": self.weight_group_state()}
+
+    def tokenizer_path(self) -> str | None:
+        """The folder the server loaded its tokenizer from (absolute when it is a local folder), or None."""
+        path = getattr(self.llm.tokenizer, "name_or_path", None) if self.llm.tokenizer is not None else None
+        if not isinstance(path, str) or not path:
+            return None
+        return os.path.abspath(path) if os.path.isdir(path) else path
+
+    def weight_group_state(self) -> dict | None:
+        group = self._weight_group
+        return None if group is None else group.describe()
 
     # -- called from other threads --------------------------------------------
     def call(self, fn) -> concurrent.futures.Future:
@@ -242,7 +331,7 @@ class EngineServer:
 
     def _on_health(self, header, frames, send, key):
         return {"status": "ok", "server_id": self.server_id, "paused": self.paused, "asleep": self.asleep,
-                "weight_version": self.llm.weight_version}
+                "weight_version": self.llm.weight_version, "weight_group": self.weight_group_state()}
 
     def _on_stats(self, header, frames, send, key):
         return {"stats": self.stats()}
@@ -258,8 +347,56 @@ class EngineServer:
         return {"aborted": job is not None}
 
     def _on_update_weights(self, header, frames, send, key):
+        total = sum(len(f) for f in frames)
+        if total > self.max_update_bytes:
+            raise ValueError(f"update_weights: the tensor frames hold {total} bytes, more than max_update_bytes="
+                             f"{self.max_update_bytes} (the server's --max-update-bytes); nothing was applied. "
+                             f"Send it over shared memory (same host) or a weight group (init_weight_group), "
+                             f"or raise the limit")
         named = protocol.frames_to_tensors(header.get("tensors"), frames)
         return {"version": self.llm.update_weights(named, header.get("version"), header.get("require_all", False))}
+
+    def _on_init_weight_group(self, header, frames, send, key):
+        """Joins a gloo group as an engine rank (the trainer, rank 0, hosts its rendezvous at `init_method`)."""
+        from ..weight_sync.distributed import check_group_args
+        from ..weight_sync.wire import check_positive
+
+        init_method, rank, world_size = header.get("init_method"), header.get("rank", 1), header.get("world_size", 2)
+        timeout_s, connect_timeout_s = header.get("timeout_s", 1800.0), header.get("connect_timeout_s", 60.0)
+        check_group_args(init_method, rank, world_size, timeout_s)
+        check_positive("connect_timeout_s", connect_timeout_s)
+        if rank == 0:
+            raise ValueError("rank must not be 0: rank 0 of a weight group is the trainer that sends the weights")
+        current = self._weight_group
+        if current is not None and current.active:
+            raise ValueError(f"this server is already in a weight group ({current.state}, init_method="
+                             f"{current.init_method}); close_weight_group first")
+        self._weight_group = _WeightGroup(self, init_method, rank, world_size, float(timeout_s),
+                                          float(connect_timeout_s))
+        self._weight_group.thread.start()
+        return {"weight_group": self._weight_group.describe()}
+
+    def _on_close_weight_group(self, header, frames, send, key):
+        """Leaves the weight group: updates still sent on it are refused (the trainer should close its side)."""
+        group = self._weight_group
+        if group is not None:
+            group.close()
+        return {"weight_group": self.weight_group_state()}
+
+    def _on_tokenizer_files(self, header, frames, send, key):
+        """The tokenizer as files (`save_pretrained`), for clients on hosts without the server's folder."""
+        import tempfile
+
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None:
+            raise ValueError("this server has no tokenizer (its model came without one)")
+        with tempfile.TemporaryDirectory(prefix="rollserve-tokenizer-") as folder:
+            tokenizer.save_pretrained(folder)
+            files = {}
+            for name in sorted(os.listdir(folder)):
+                with open(os.path.join(folder, name), "rb") as f:
+                    files[name] = f.read()
+        return {"files": files}
 
     def _on_weight_version(self, header, frames, send, key):
         return {"version": self.llm.weight_version}
@@ -408,6 +545,8 @@ class EngineServer:
             future.cancel()
         if self._http is not None:
             self._http.should_exit = True
+        if self._weight_group is not None:
+            self._weight_group.close()
         self.receiver.stop()
         self._receiver_thread.join(timeout=5)
         self._router.close(linger=500)  # let the shutdown errors reach the clients
@@ -438,7 +577,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
     ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
     ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--max-request-bytes", type=int, default=16 << 20)
+    ap.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest message header (bytes)")
+    ap.add_argument("--max-update-bytes", type=int, default=4 << 30,
+                    help="largest update_weights message over ZMQ tensor frames (bytes; the shared-memory and "
+                         "weight-group transports are not limited)")
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -462,13 +604,18 @@ def run(args: argparse.Namespace) -> None:
     server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
                           args.weights_port, args.api_key, args.shm_prefix,
                           args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-                          args.max_request_bytes)
+                          args.max_request_bytes, args.max_update_bytes)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     print("ROLLSERVE READY " + json.dumps(server.info()), flush=True)
     start = time.monotonic()
     server.serve_forever()
     print(f"rollserve server stopped after {time.monotonic() - start:.1f} s", flush=True)
+    if any(t.name == _GROUP_THREAD and t.is_alive() for t in threading.enumerate()):
+        # a weight-group thread still blocked in gloo / TCPStore (until its timeout): finalizing the
+        # interpreter under it can crash, so leave now (everything is closed and flushed)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -25,23 +25,38 @@ from .wire import (align, bucket_entries, check_positive, check_update_args, err
 STATUS_BYTES = 1 << 16  # one status record per rank, a refused update's problem list included
 
 
-def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: float = 1800.0):
-    """A gloo group of its own (rank 0 hosts the rendezvous), independent of any default process group.
-
-    `init_method` is `tcp://host:port` reachable by every rank. `timeout_s` bounds every collective,
-    so a dead peer is reported within it; a receiver idle longer than it between syncs times out too.
-    """
+def check_group_args(init_method: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """`ValueError` naming the field when `weight_sync_group` would refuse these arguments."""
     url = urlparse(init_method) if isinstance(init_method, str) else None
-    if url is None or url.scheme != "tcp" or not url.hostname or not url.port:
+    try:
+        port = url.port if url is not None else None
+    except ValueError:  # a port that is not a number, or out of range
+        port = None
+    if url is None or url.scheme != "tcp" or not url.hostname or not port:
         raise ValueError(f"init_method must look like 'tcp://host:port', got {init_method!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
         raise ValueError(f"world_size must be an int >= 2 (one source and at least one engine), got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     check_positive("timeout_s", timeout_s)
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore("rollserve-weights", store), rank, world_size, timeout)
+
+
+def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: float = 1800.0,
+                      connect_timeout_s: float | None = None):
+    """A gloo group of its own (rank 0 hosts the rendezvous), independent of any default process group.
+
+    `init_method` is `tcp://host:port` reachable by every rank. `timeout_s` bounds every collective,
+    so a dead peer is reported within it; a receiver idle longer than it between syncs times out too.
+    `connect_timeout_s` (default `timeout_s`) bounds the wait for every rank to join.
+    """
+    check_group_args(init_method, rank, world_size, timeout_s)
+    if connect_timeout_s is not None:
+        check_positive("connect_timeout_s", connect_timeout_s)
+    url = urlparse(init_method)
+    store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
+                          timeout=timedelta(seconds=connect_timeout_s or timeout_s))
+    return dist.ProcessGroupGloo(dist.PrefixStore("rollserve-weights", store), rank, world_size,
+                                 timedelta(seconds=timeout_s))
 
 
 class _GroupMember:

@@ -17,6 +17,7 @@ holds there into its own memory (so the engine process holds that part of
 the update twice until the commit).
 """
 
+import hmac
 import itertools
 import os
 import re
@@ -93,11 +94,11 @@ class SharedMemorySender:
     segment of its own); `max_buffer_bytes` caps the pool (None: as large as
     the update). `timeout_s` bounds every wait for the engine, the final
     update included. Segments are deleted by `close()`, at interpreter exit,
-    or by the receiver once this process is gone.
+    or by the receiver once this process is gone. `api_key`: the receiver's key, sent with every message.
     """
 
     def __init__(self, address: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_buffer_bytes: int | None = None,
-                 timeout_s: float = 300.0, shm_dir: str = SHM_DIR):
+                 timeout_s: float = 300.0, shm_dir: str = SHM_DIR, api_key: str | None = None):
         if not isinstance(address, str) or "://" not in address:
             raise ValueError(f"address must be a ZMQ endpoint such as 'tcp://127.0.0.1:5555', got {address!r}")
         check_positive("bucket_bytes", bucket_bytes)
@@ -106,6 +107,9 @@ class SharedMemorySender:
         check_positive("timeout_s", timeout_s)
         if not os.path.isdir(shm_dir):
             raise ValueError(f"shm_dir {shm_dir!r} is not a directory")
+        if api_key is not None and not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+        self.api_key = api_key
         self.address, self.bucket_bytes, self.max_buffer_bytes = address, int(bucket_bytes), max_buffer_bytes
         self.timeout_s, self.shm_dir = timeout_s, shm_dir
         self._context = zmq.Context()
@@ -144,7 +148,8 @@ class SharedMemorySender:
     def _call(self, message: dict) -> dict:
         sock = self._connect()
         try:
-            sock.send(msgpack.packb({**message, "pid": os.getpid()}))
+            key = {} if self.api_key is None else {"api_key": self.api_key}
+            sock.send(msgpack.packb({**message, "pid": os.getpid(), **key}))
             reply = msgpack.unpackb(sock.recv())
         except zmq.Again:
             self._drop_socket()  # a REQ socket that missed its reply cannot send again
@@ -233,10 +238,12 @@ class SharedMemoryReceiver:
     `prefix` names this engine's segments; senders learn it when they connect, so several engines share a
     host. Serve with `serve_forever()` (returns after `stop()`) or call `poll(timeout_s)` from your own loop.
     One sender at a time: a bucket from another sync drops the update in progress.
+    With `api_key`, every message must carry it (`SharedMemorySender(api_key=...)`): others are refused
+    with a `PermissionError` and change nothing.
     """
 
     def __init__(self, target, address: str = "tcp://127.0.0.1:*", prefix: str | None = None,
-                 shm_dir: str = SHM_DIR):
+                 shm_dir: str = SHM_DIR, api_key: str | None = None):
         if not callable(getattr(target, "update_weights", None)):
             raise TypeError(f"target must have an update_weights method (an LLM), got {type(target).__name__}")
         prefix = prefix if prefix is not None else f"rollserve-{os.getpid()}x{secrets.token_hex(2)}"
@@ -245,7 +252,9 @@ class SharedMemoryReceiver:
                              f"got {prefix!r}")
         if not os.path.isdir(shm_dir):
             raise ValueError(f"shm_dir {shm_dir!r} is not a directory")
-        self.target, self.prefix, self.shm_dir = target, prefix, shm_dir
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ValueError(f"api_key must be a non-empty str or None, got {api_key!r}")
+        self.target, self.prefix, self.shm_dir, self._api_key = target, prefix, shm_dir, api_key
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -310,6 +319,11 @@ class SharedMemoryReceiver:
         handler = getattr(self, f"_on_{op}", None) if op in ("hello", "bucket", "evict", "abort", "commit") else None
         if handler is None:
             raise ValueError(f"unknown weight-sync message {op!r}")
+        if self._api_key is not None:
+            given = message.get("api_key")
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self._api_key.encode()):
+                raise PermissionError(f"weight-sync message {op!r} requires the engine's API key "
+                                      f"(api_key missing or wrong); nothing was changed")
         if not isinstance(message.get("pid"), int):
             raise ValueError("weight-sync message without the sender's pid")
         return handler(message)

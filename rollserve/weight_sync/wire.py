@@ -102,8 +102,9 @@ def read_bucket(bucket: torch.Tensor, entries, base: int = 0) -> list[tuple[str,
 
 
 def error_record(exc: Exception) -> dict:
-    """An engine-side exception as a msgpack-able reply: type, nearest ValueError/TypeError, message."""
-    kind = next((k.__name__ for k in type(exc).__mro__ if k in (ValueError, TypeError)), "RuntimeError")
+    """An engine-side exception as a msgpack-able reply: type, nearest ValueError/TypeError/PermissionError, message."""
+    kind = next((k.__name__ for k in type(exc).__mro__ if k in (ValueError, TypeError, PermissionError)),
+                "RuntimeError")
     record = {"ok": False, "error": type(exc).__name__, "kind": kind, "message": str(exc) or repr(exc)}
     if isinstance(exc, WeightUpdateError):
         record["problems"] = exc.problems
@@ -119,7 +120,8 @@ def remote_error(record: dict, where: str) -> Exception:
         if hasattr(exc, "add_note"):
             exc.add_note(f"raised by the {where}")
         return exc
-    kind = {"ValueError": ValueError, "TypeError": TypeError}.get(record.get("kind"), RuntimeError)
+    kind = {"ValueError": ValueError, "TypeError": TypeError, "PermissionError": PermissionError}.get(
+        record.get("kind"), RuntimeError)
     return kind(f"{where}: {record.get('error')}: {record.get('message')}")
 
 

@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 KV_BYTES = 64 << 20
+MAX_UPDATE_BYTES = 32 << 20  # the tiny model's full state (~25 MB) fits in one ZMQ update
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -67,7 +68,8 @@ class Server:
             assert time.monotonic() < deadline, "".join(self.log)
         else:
             raise AssertionError("server exited before READY:\n" + "".join(self.log))
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
@@ -76,12 +78,15 @@ class Server:
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
+        code = self.proc.wait(timeout=60)
+        self._drainer.join(timeout=10)  # its last lines are in the log
+        return code
 
 
 @pytest.fixture(scope="module")
 def server(tiny_folder):
-    s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64")
+    s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64",
+               "--max-update-bytes", str(MAX_UPDATE_BYTES))
     yield s
     assert s.stop() == 0, "".join(s.log)  # SIGTERM: a clean exit
     assert any("server stopped" in line for line in s.log)
@@ -226,7 +231,73 @@ def test_api_key_required(server):
             keyless.update_weights([("model.norm.weight", torch.ones(64))])
         with pytest.raises(PermissionError, match="API key"):
             keyless.pause("keep")
+        with pytest.raises(PermissionError, match="API key"):
+            keyless.init_weight_group()
         assert keyless.health()["paused"] is False
+
+
+def test_shared_memory_weight_port_requires_the_api_key(server, remote):
+    from rollserve.rollout.client import RemoteLLM
+
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    with RemoteLLM(server.info["zmq"], timeout=10, weight_transport="shm") as keyless:
+        with pytest.raises(PermissionError, match="API key"):
+            keyless.update_weights([("model.norm.weight", torch.full((64,), 3.0))])
+    # a hand-made commit of an empty update would advance the version if the port took it
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.info["weights"])
+    try:
+        for key in ({}, {"api_key": "wrong"}):
+            sock.send(msgpack.packb({"op": "commit", "pid": os.getpid(), "sync": 0, "buckets": 0,
+                                     "version": version + 100, "segments": [], **key}))
+            assert sock.poll(10000)
+            reply = msgpack.unpackb(sock.recv())
+            assert not reply["ok"] and reply["kind"] == "PermissionError" and "API key" in reply["message"], reply
+    finally:
+        sock.close()
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+
+
+def test_oversized_zmq_weight_update_is_refused_and_the_server_keeps_serving(server, remote):
+    from rollserve import SamplingParams
+    from rollserve.rollout.client import RemoteLLM
+
+    assert server.info["max_update_bytes"] == MAX_UPDATE_BYTES
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    numel = MAX_UPDATE_BYTES // 4 + 1
+    header = {"type": "update_weights", "id": 1, "api_key": API_KEY, "tensors": [["big", "float32", [numel]]]}
+    reply = _raw_call(server.info["zmq"], [msgpack.packb(header), bytes(numel * 4)])
+    assert reply["type"] == "error" and reply["kind"] == "ValueError", reply
+    assert f"more than max_update_bytes={MAX_UPDATE_BYTES}" in reply["message"], reply
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="zmq") as zr:
+        with pytest.raises(ValueError, match=f"max_update_bytes={MAX_UPDATE_BYTES}"):
+            zr.update_weights([("lm_head.weight", torch.zeros(numel))])
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+    assert len(remote.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3
+
+
+def test_get_tokenizer_from_the_server_folder_or_its_files(server, remote, tiny_folder, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from rollserve.rollout.client import RemoteLLM
+
+    ref = AutoTokenizer.from_pretrained(tiny_folder)
+    conv = [{"role": "user", "content": "What is 2 + 2?"}]
+    expected = (ref("Hello there, world").input_ids, ref.apply_chat_template(conv, tokenize=False))
+    assert server.info["tokenizer"] == os.path.abspath(tiny_folder)
+    tok = remote.get_tokenizer()
+    assert tok is remote.get_tokenizer()
+    assert (tok("Hello there, world").input_ids, tok.apply_chat_template(conv, tokenize=False)) == expected
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY) as other_host:  # the folder is not here
+        monkeypatch.setattr(other_host, "info", lambda: {**server.info, "tokenizer": "/nonexistent/tokenizer"})
+        fetched = other_host.get_tokenizer()
+        assert fetched.name_or_path != tiny_folder
+        assert (fetched("Hello there, world").input_ids, fetched.apply_chat_template(conv, tokenize=False)) == expected
+    with RemoteLLM(server.info["zmq"], timeout=30, tokenizer=ref) as given:
+        assert given.get_tokenizer() is ref
+    with pytest.raises(TypeError, match="tokenizer must be"):
+        RemoteLLM(server.info["zmq"], tokenizer=3)
 
 
 def _raw_call(address: str, frames: list, timeout_ms: int = 10000) -> dict:
@@ -341,6 +412,59 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
     r.close()
     zr.close()
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix + "-")]
+
+
+def test_update_weights_over_a_distributed_group(server, tiny_folder):
+    from transformers import AutoModelForCausalLM
+
+    from rollserve import SamplingParams
+    from rollserve.rollout.client import RemoteLLM
+    from rollserve.weight_sync import weights_fingerprint
+
+    r = RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="distributed")
+    try:
+        with pytest.raises(ValueError, match="init_weight_group"):
+            r.update_weights([("model.norm.weight", torch.ones(64))])
+        with pytest.raises(ValueError, match="init_method"):
+            r.init_weight_group("localhost:1234")
+        with pytest.raises(ValueError, match="timeout_s"):
+            r.init_weight_group(timeout_s=0)
+        with socket.socket() as busy, RemoteLLM(server.info["zmq"], timeout=5, api_key=API_KEY) as short:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(RuntimeError, match="could not build the weight group"):  # rank 0 cannot listen there
+                short.init_weight_group(f"tcp://127.0.0.1:{busy.getsockname()[1]}")
+        assert r.health()["weight_group"]["state"] == "closed"  # the failed group does not block the next one
+        r.init_weight_group(timeout_s=60, bucket_bytes=4 << 20)  # the tiny model travels in several buckets
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "ready", 30)
+        with pytest.raises(ValueError, match="already has a weight group"):
+            r.init_weight_group()
+
+        trainer = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32)
+        original = {k: v.clone() for k, v in trainer.state_dict().items()}
+        start, before = r.weight_version, r.weights_fingerprint()
+        with torch.no_grad():
+            for p in trainer.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        assert r.update_weights(trainer.named_parameters(), version=start + 3) == start + 3 == r.weight_version
+        trained = weights_fingerprint(trainer.named_parameters())
+        assert r.weights_fingerprint() == trained != before
+
+        bad = {k: v.clone() for k, v in original.items()}  # differs from the engine's in every tensor ...
+        bad["lm_head.weight"][3, 5] = float("nan")  # ... and the last bucket is bad: all or nothing
+        with pytest.raises(ValueError, match=r"non-finite.*lm_head\.weight"):
+            r.update_weights(bad.items())
+        assert r.weight_version == start + 3 and r.weights_fingerprint() == trained
+        assert r.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].weight_versions == [start + 3] * 3
+
+        assert r.update_weights(original.items()) == start + 4  # the group still works after a refusal
+        assert r.weights_fingerprint() == before
+        r.close_weight_group()
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "closed", 30)
+        with pytest.raises(ValueError, match="init_weight_group"):
+            r.update_weights(original.items())
+    finally:
+        r.close()
 
 
 def test_pause_modes_keep_wait_abort(server, remote):
