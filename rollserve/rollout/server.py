@@ -587,6 +587,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--double-buffer-weights", action="store_true",
+                    help="updates are written and checked in spare storage, then swapped in (one more copy "
+                         "of the weights in memory; see LLM(double_buffer_weights=...))")
 
 
 def main(argv=None) -> None:
@@ -600,7 +603,8 @@ def run(args: argparse.Namespace) -> None:
     kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, **kwargs)
+              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+              double_buffer_weights=args.double_buffer_weights, **kwargs)
     server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
                           args.weights_port, args.api_key, args.shm_prefix,
                           args.served_model_name or os.path.basename(os.path.normpath(args.model)),

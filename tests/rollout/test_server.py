@@ -85,8 +85,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_folder):
+    # double-buffered: weight updates are staged while the engine generates (the in-process and
+    # shared-memory transport tests cover the default, copy-in updates)
     s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64",
-               "--max-update-bytes", str(MAX_UPDATE_BYTES))
+               "--max-update-bytes", str(MAX_UPDATE_BYTES), "--double-buffer-weights")
     yield s
     assert s.stop() == 0, "".join(s.log)  # SIGTERM: a clean exit
     assert any("server stopped" in line for line in s.log)
