@@ -3,6 +3,7 @@
 import gc
 
 import psutil
+import pytest
 import torch
 
 from rollserve import LLM, SamplingParams
@@ -11,8 +12,9 @@ CYCLES, WARMUP = 200, 20
 RSS_BOUND = 8 * 1024**2  # bytes; measured growth after warm-up: see the README
 
 
-def test_repeated_updates_do_not_grow_rss(tiny_model):
-    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=1 << 22)
+@pytest.mark.parametrize("double_buffer", [False, True], ids=["copy-in", "double-buffer"])
+def test_repeated_updates_do_not_grow_rss(tiny_model, double_buffer):
+    llm = LLM(tiny_model("llama", seed=0), kv_cache_memory=1 << 22, double_buffer_weights=double_buffer)
     sources = [tiny_model("llama", seed=s) for s in (1, 2)]
     params = SamplingParams(temperature=0, max_tokens=1)
     process = psutil.Process()
