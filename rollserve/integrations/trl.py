@@ -8,6 +8,10 @@ changed and `trainer.vllm_generation.generate(prompts, images, num_generations)`
 GRPO's `vllm_importance_sampling_correction` compares the engine's logprobs
 (`log_softmax(logits / T)`, rollserve's "policy" mode) with its own.
 `rollout_func(config)` is the same engine behind TRL's (experimental) `rollout_func` hook.
+
+Distributed training (several processes: DDP, DeepSpeed, FSDP) follows TRL's colocate
+vLLM layout: every rank holds its own engine and generates its own share of the batch;
+at each sync every rank takes part in the gathers (ZeRO-3, FSDP2) and fills its engine.
 """
 
 import copy
@@ -32,7 +36,8 @@ class RollserveConfig:
 
     zero_copy: run the engine on the trainer's own parameters, so a weight sync only
         advances the weight version. None (default): when possible (a plain
-        `PreTrainedModel`, not PEFT, ZeRO-3 or FSDP, and `dtype` the trainer's);
+        `PreTrainedModel`, not PEFT, no DeepSpeed or FSDP plan in the trainer's
+        accelerator, and `dtype` the trainer's);
         True: required (an error says why it is not possible); False: never (the
         engine holds a copy, updated in place from the weight-sync sources each step).
     dtype: the engine's dtype; "auto" = the trainer model's parameter dtype.
@@ -75,10 +80,25 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def _zero_copy_obstacle(model, dtype: torch.dtype) -> str | None:
+def _sharding(accelerator) -> str | None:
+    """The sharding the trainer's accelerator will apply to the model (it may not have yet), or None."""
+    state = getattr(accelerator, "state", None)
+    ds_plugin = getattr(state, "deepspeed_plugin", None)
+    if ds_plugin is not None:
+        return f"DeepSpeed ZeRO-{ds_plugin.zero_stage}"
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        return f"FSDP{getattr(fsdp_plugin, 'fsdp_version', 1)}"
+    return None
+
+
+def _zero_copy_obstacle(model, dtype: torch.dtype, accelerator=None) -> str | None:
     """Why the engine cannot run on `model`'s own parameters, or None when it can."""
     from transformers import PreTrainedModel
 
+    sharding = _sharding(accelerator)
+    if sharding is not None:  # the trainer shards or flattens the parameters when it prepares the model
+        return f"the trainer runs under {sharding}"
     if _is_peft(model):
         return "the model is a PEFT model (the engine runs the base model with the adapter merged)"
     if not isinstance(model, PreTrainedModel):
@@ -106,13 +126,32 @@ def _engine_model(model, dtype: torch.dtype, device: torch.device):
     from transformers.initialization import no_init_weights
 
     config = _base_config(model)
-    with torch.device(device), no_init_weights():
+    with torch.device(device), no_init_weights(), _without_zero3_init():
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     module.tie_weights()  # skipped under no_init_weights
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         module.generation_config = copy.deepcopy(generation_config)
     return module.eval()
+
+
+@contextmanager
+def _without_zero3_init():
+    """Under a ZeRO-3 training config, transformers partitions every new model (`deepspeed.zero.Init`).
+
+    The engine's module is a whole copy on each rank: build it with that switched off.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -151,7 +190,7 @@ class RollserveGeneration:
         self.config = config
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dtype = resolve_dtype(config.dtype) or _model_dtype(model)
-        obstacle = _zero_copy_obstacle(model, dtype)
+        obstacle = _zero_copy_obstacle(model, dtype, accelerator)
         if config.zero_copy and obstacle:
             raise ValueError(f"RollserveConfig.zero_copy=True is not possible: {obstacle}")
         self.zero_copy = config.zero_copy is not False and obstacle is None

@@ -154,6 +154,23 @@ class _Accelerator:
     process_index = 0
 
 
+class _Plugin:
+    zero_stage = 3
+    fsdp_version = 2
+
+
+@pytest.mark.parametrize("plugin,text", [("deepspeed_plugin", "DeepSpeed ZeRO-3"), ("fsdp_plugin", "FSDP2")])
+def test_sharded_trainer_gets_a_copy(tokenizer, plugin, text):
+    """The accelerator's plan decides, not the parameters: the trainer shards them only when training starts."""
+    accelerator = _Accelerator()
+    accelerator.state = type("State", (), {"deepspeed_plugin": None, "fsdp_plugin": None, plugin: _Plugin()})()
+    model = tiny_qwen2(tokenizer)  # still whole here
+    backend = rtrl.RollserveGeneration(model, accelerator, tokenizer, rtrl.RollserveConfig(kv_cache_memory=1 << 22))
+    assert not backend.zero_copy and backend.llm.model is not model
+    with pytest.raises(ValueError, match=f"zero_copy=True is not possible: the trainer runs under {text}"):
+        rtrl.RollserveGeneration(model, accelerator, tokenizer, rtrl.RollserveConfig(zero_copy=True))
+
+
 def test_grpo_peft_lora(tokenizer):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
