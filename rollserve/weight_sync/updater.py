@@ -97,30 +97,12 @@ def _is_finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
-_FUSED_CHUNK_BYTES = 1 << 20  # copied, then checked while still in the cache
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    """`dst.copy_(src)` (with a cast) that also tells whether `dst` is all finite, in ~one pass."""
-    if dst.device.type != "cpu" or src.device != dst.device or not (src.is_contiguous() and dst.is_contiguous()):
-        dst.copy_(src)
-        return _is_finite(dst)
-    out, inp = dst.view(-1), src.reshape(-1)
-    step = _FUSED_CHUNK_BYTES // dst.element_size()
-    for i in range(0, out.numel(), step):
-        chunk = out[i:i + step]
-        chunk.copy_(inp[i:i + step])
-        if not _is_finite(chunk):
-            return False
-    return True
-
-
 class WeightBuffers:
     """Spare storage for double-buffered updates: a second tensor per engine tensor, made on first use.
 
-    An update is copied (and cast) into the spares and checked there, in one pass and while the
-    engine keeps generating; applying it swaps each parameter's storage with its spare, so the
-    engine pauses only for pointer swaps. Costs one more copy of the updated weights in memory.
+    An update is copied (and cast) into the spares and checked there while the engine keeps
+    generating; applying it swaps each parameter's storage with its spare, so the engine pauses
+    only for pointer swaps, not for the copy. Costs one more copy of the updated weights in memory.
     """
 
     def __init__(self):
@@ -244,7 +226,8 @@ def _stage_one(targets: _Targets, name: str, tensor, seen: set, staged: dict | N
     previous = staged.get(id(target)) if staged is not None else None
     if buffers is not None and staged is not None and previous is None:
         value = buffers.spare(target)
-        finite = _copy_checked(value, tensor.detach())
+        value.copy_(tensor.detach())
+        finite = _is_finite(value)
     else:
         value = tensor.detach().to(device=target.device, dtype=target.dtype)
         finite = _is_finite(value)
