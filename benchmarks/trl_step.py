@@ -1,7 +1,7 @@
 """Seconds per GRPO step: TRL's own generation (`use_vllm=False`) vs rollserve, same config, same process.
 
     python benchmarks/trl_step.py [--steps 3] [--num-generations 8] [--prompts-per-step 2]
-                                  [--max-completion-length 64] [--copy]
+                                  [--max-completion-length 64] [--copy] [--no-is-correction] [--only ARM]
 
 SmolLM2-135M-Instruct, fp32, CPU. Each run trains `--steps` steps after one warm-up
 step (not counted). Prints seconds per step for each, the ratio TRL / rollserve, and
@@ -67,6 +67,7 @@ def run(name: str, ns, path, tokenizer) -> dict:
         per_device_train_batch_size=ns.num_generations * ns.prompts_per_step, num_generations=ns.num_generations,
         max_completion_length=ns.max_completion_length, temperature=1.0, beta=0.0, logging_steps=1, report_to=[],
         use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True, shuffle_dataset=False,
+        vllm_importance_sampling_correction=not (name == "rollserve" and ns.no_is_correction),
     )
     timer = StepTimer()
     common = dict(model=model, reward_funcs=reward_short, args=config, processing_class=tokenizer,
@@ -92,15 +93,21 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=2)
     ap.add_argument("--max-completion-length", type=int, default=64)
     ap.add_argument("--copy", action="store_true", help="rollserve keeps a synced copy instead of zero-copy")
+    ap.add_argument("--no-is-correction", action="store_true",
+                    help="rollserve arm with vllm_importance_sampling_correction=False: TRL then skips the extra "
+                         "forward pass that recomputes the old logprobs (its own-generation arm never does it)")
+    ap.add_argument("--only", choices=("trl", "rollserve"), default=None, help="run one arm")
     ns = ap.parse_args()
     path = smollm2_135m_instruct()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    results = {name: run(name, ns, path, tokenizer) for name in ("trl", "rollserve")}
+    arms = [ns.only] if ns.only else ["trl", "rollserve"]
+    results = {name: run(name, ns, path, tokenizer) for name in arms}
     for name, r in results.items():
         print(f"{name:10s} {r['step']:7.2f} s/step  generation {r['gen']:6.2f} s ({100 * r['gen'] / r['step']:4.1f} % "
               f"of the step)  mean completion length {r['length']:.1f}")
-    print(f"step time ratio TRL / rollserve: {results['trl']['step'] / results['rollserve']['step']:.2f}x; "
-          f"generation ratio: {results['trl']['gen'] / results['rollserve']['gen']:.2f}x")
+    if len(results) == 2:
+        print(f"step time ratio TRL / rollserve: {results['trl']['step'] / results['rollserve']['step']:.2f}x; "
+              f"generation ratio: {results['trl']['gen'] / results['rollserve']['gen']:.2f}x")
 
 
 if __name__ == "__main__":
