@@ -7,12 +7,11 @@ must have the trainer's gathered weights (fingerprints), and TRL's own gauge
 """
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import processes  # tests/processes.py
 
 pytest.importorskip("trl")
 
@@ -21,24 +20,8 @@ LOGP_TOLERANCE = 1e-4
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path) -> list[dict]:
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", port, str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{out[-6000:]}"
+    outs = processes.run_ranks(WORKER, 2, [str(tmp_path)], timeout=600)
     results = []
     for out in outs:
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
