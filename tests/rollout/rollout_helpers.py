@@ -28,23 +28,31 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_path):
+def save_tiny_llama(folder, smollm2_path, **config) -> None:
+    """Saves a small random Llama (2 layers, hidden 64) with SmolLM2's tokenizer into `folder`.
+
+    `config`: LlamaConfig fields on top of the shared ones (e.g. `tie_word_embeddings`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=tok.eos_token_id,
+                      **config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 torch.nn.init.normal_(p, std=0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path):
     path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_llama(path, smollm2_path, max_position_embeddings=256, tie_word_embeddings=True)
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollout_helpers import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
@@ -30,21 +31,11 @@ msgpack = pytest.importorskip("msgpack")
 # -- fixtures ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, smollm2_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.5)
     folder = tmp_path_factory.mktemp("tiny-smollm2-vocab")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_llama(folder, smollm2_path, max_position_embeddings=512, tie_word_embeddings=False,
+                    bos_token_id=AutoTokenizer.from_pretrained(smollm2_path).bos_token_id)
     return str(folder)
 
 
