@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from workload import MAX_NEW_TOKENS, NUM_GENERATIONS, TEMPERATURE, conversations  # noqa: E402
 
 from rollserve import LLM, SamplingParams, smollm2_135m_instruct  # noqa: E402
-from rollserve.rollout import generate_dataset  # noqa: E402
+from rollserve.dataset import generate_dataset  # noqa: E402
 
 
 def _length_reward(prompt, completion) -> float:

@@ -14,7 +14,7 @@ requests; the full GRPO workload). A quick check that it runs: `--clients 4 --re
 2. The GRPO workload (benchmarks/workload.py: 32 chat prompts x n=8, T=1, up to 128 tokens) through
    `RemoteLLM.chat` and through an in-process `LLM.chat` on the same model, one after the other
    (the same engine settings; the server idles meanwhile); prints both tokens/s and the ratio RemoteLLM / LLM.
-The server runs as a subprocess (`python -m rollserve.rollout.server`) on free loopback ports.
+The server runs as a subprocess (`python -m rollserve.serve.server`) on free loopback ports.
 """
 
 import argparse
@@ -34,7 +34,7 @@ from workload import MAX_NEW_TOKENS, NUM_GENERATIONS, QUESTIONS, TEMPERATURE, co
 
 def start_server(model: str, dtype: str, *extra: str) -> tuple[subprocess.Popen, dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "rollserve.rollout.server", "--model", model, "--dtype", dtype,
+    proc = subprocess.Popen([sys.executable, "-m", "rollserve.serve.server", "--model", model, "--dtype", dtype,
                              *extra], env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("ROLLSERVE READY "):
@@ -83,7 +83,7 @@ async def load(http: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def run_load(args, info) -> None:
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     remote = RemoteLLM(info["zmq"], timeout=600)
     tokens0 = remote.stats()["generation_tokens"]
@@ -104,7 +104,7 @@ def run_load(args, info) -> None:
 
 def run_ratio(args, info) -> None:
     from rollserve import LLM, SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     convs = conversations(args.num_prompts)
     params = SamplingParams(n=NUM_GENERATIONS, temperature=TEMPERATURE, max_tokens=args.ratio_max_tokens, logprobs=0)

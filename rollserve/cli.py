@@ -93,7 +93,7 @@ def _sampling_params(args) -> SamplingParams:
 
 def _run_generate(args) -> int:
     from . import LLM
-    from .rollout import RewardError, generate_dataset, read_prompts
+    from .dataset import RewardError, generate_dataset, read_prompts
 
     try:
         params = _sampling_params(args)
@@ -127,7 +127,7 @@ def _fail(args, message: str, code: int) -> int:
 
 
 def _add_serve(subparsers) -> None:
-    from .rollout import server
+    from .serve import server
 
     p = subparsers.add_parser("serve", help="run an engine in its own process: ZMQ (RemoteLLM) and OpenAI HTTP fronts",
                               description="Serve a model until SIGTERM/SIGINT; prints one 'ROLLSERVE READY {json}' line.")
@@ -136,7 +136,7 @@ def _add_serve(subparsers) -> None:
 
 
 def _run_serve(args) -> int:
-    from .rollout import server
+    from .serve import server
 
     server.run(args)
     return 0

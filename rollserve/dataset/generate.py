@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..sampling_params import SamplingParams
-from .inputs import PromptFileError, PromptRow, PromptSet, read_prompts
+from .prompts import PromptFileError, PromptRow, PromptSet, read_prompts
 from .shards import DatasetStats, ShardStore
 from .writer import ShardWriter
 

@@ -1,4 +1,4 @@
-"""Fixtures and helpers for the rollout-dataset tests (imported by the test modules: a second conftest.py
+"""Fixtures and helpers shared by the dataset, CLI and server tests (imported by name: a second conftest.py
 would shadow tests/conftest.py, which other test modules import by name).
 
 - `tiny_model_dir`: a small random Llama saved with SmolLM2's tokenizer (so it reads text prompts and
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)

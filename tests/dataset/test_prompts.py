@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rollserve import LLM, SamplingParams
-from rollserve.rollout import PromptFileError, generate_dataset, read_prompts
+from rollserve.dataset import PromptFileError, generate_dataset, read_prompts
 
-from rollout_helpers import one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
+from helpers import one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rollserve import LLM, SamplingParams
-from rollserve.rollout import RewardError, generate_dataset, prompt_seed
-from rollserve.rollout.shards import arrow_schema
+from rollserve.dataset import RewardError, generate_dataset, prompt_seed
+from rollserve.dataset.shards import arrow_schema
 
-from rollout_helpers import one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+from helpers import one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 SMOL_KV = 128 * 1024**2
 QUESTIONS = [

@@ -11,9 +11,9 @@ import pytest
 
 from rollserve import LLM, SamplingParams
 from rollserve.cli import load_callable
-from rollserve.rollout import OutputDirError, generate_dataset
+from rollserve.dataset import OutputDirError, generate_dataset
 
-from rollout_helpers import REPO, cli_command, cli_env, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
+from helpers import REPO, cli_command, cli_env, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
 
 NUM_PROMPTS = 24
 N = 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollout_helpers import save_tiny_llama
+from helpers import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
@@ -46,7 +46,7 @@ class Server:
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "rollserve.rollout.server", "--model", self.folder,
+        cmd = [sys.executable, "-m", "rollserve.serve.server", "--model", self.folder,
                "--kv-cache-memory", str(KV_BYTES), *self.args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
@@ -87,7 +87,7 @@ def server(tiny_folder):
 
 @pytest.fixture()
 def remote(server):
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     r = RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY)
     yield r
@@ -204,7 +204,7 @@ def test_api_key_required(server):
     openai = pytest.importorskip("openai")
     import httpx2 as httpx
     from rollserve import SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     http = server.info["http"]
     bad = openai.OpenAI(base_url=http + "/v1", api_key="wrong", max_retries=0)
@@ -230,7 +230,7 @@ def test_api_key_required(server):
 
 
 def test_shared_memory_weight_port_requires_the_api_key(server, remote):
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     version, fingerprint = remote.weight_version, remote.weights_fingerprint()
     with RemoteLLM(server.info["zmq"], timeout=10, weight_transport="shm") as keyless:
@@ -254,7 +254,7 @@ def test_shared_memory_weight_port_requires_the_api_key(server, remote):
 
 def test_oversized_zmq_weight_update_is_refused_and_the_server_keeps_serving(server, remote):
     from rollserve import SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     assert server.info["max_update_bytes"] == MAX_UPDATE_BYTES
     version, fingerprint = remote.weight_version, remote.weights_fingerprint()
@@ -273,7 +273,7 @@ def test_oversized_zmq_weight_update_is_refused_and_the_server_keeps_serving(ser
 def test_get_tokenizer_from_the_server_folder_or_its_files(server, remote, tiny_folder, monkeypatch):
     from transformers import AutoTokenizer
 
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     ref = AutoTokenizer.from_pretrained(tiny_folder)
     conv = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -356,7 +356,7 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
     from transformers import AutoModelForCausalLM
 
     from rollserve import SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
     from rollserve.weight_sync import weights_fingerprint
 
     r = RemoteLLM(server.info["zmq"], timeout=60, api_key=API_KEY, weight_transport="shm")
@@ -411,7 +411,7 @@ def test_update_weights_over_a_distributed_group(server, tiny_folder):
     from transformers import AutoModelForCausalLM
 
     from rollserve import SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
     from rollserve.weight_sync import weights_fingerprint
 
     r = RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="distributed")
@@ -508,7 +508,7 @@ def test_pause_modes_keep_wait_abort(server, remote):
 
 def test_killed_server_fails_clients_within_timeout_and_restart_serves_them(tiny_folder):
     from rollserve import SamplingParams
-    from rollserve.rollout.client import RemoteLLM
+    from rollserve.serve.client import RemoteLLM
 
     port = _free_port()
     srv = Server(tiny_folder, "--zmq-port", str(port), "--http-port", "-1")

@@ -1,6 +1,6 @@
 """The engine server: an `LLM` in its own process behind a ZMQ front and an OpenAI-compatible HTTP front.
 
-    python -m rollserve.rollout.server --model PATH [--host 127.0.0.1] [--zmq-port 0] [--http-port 0]
+    python -m rollserve.serve.server --model PATH [--host 127.0.0.1] [--zmq-port 0] [--http-port 0]
                                        [--weights-port 0] [--api-key KEY] [--shm-prefix NAME]
                                        [--max-update-bytes N] ...
 
