@@ -5,9 +5,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import CompletionOutput, RequestOutput, StepOutput
 from .beam_search import BeamRequest, BeamSearcher, new_beam_sequence
 from .block_manager import BlockManager
+from .deltas import final_delta, sample_delta
 from .model_runner import ModelRunner
 from .sampler import Sampler, SamplingBatch, prompt_logprobs
 from .scheduler import Scheduler
@@ -24,8 +25,10 @@ class EngineStats:
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int,
+                 stream: bool = False):
         self.request_id = request_id
+        self.stream = stream  # report every step's new tokens, not only the final output
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -37,8 +40,25 @@ class Request:
     def output(self, detokenize) -> RequestOutput:
         p = self.params
         outs = [_completion(seq, p, detokenize) for seq in sorted(self.seqs, key=lambda s: s.index)]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.weight_version,
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.first_token_version,
                              self._prompt_logprobs() if p.prompt_logprobs is not None else None)
+
+    @property
+    def first_token_version(self) -> int:
+        """The weight version of the request's first token (all samples start in the same step)."""
+        first = self.seqs[0].weight_versions if self.seqs else []
+        return first[0] if first else self.weight_version
+
+    def step_output(self, output) -> StepOutput:
+        """The final `StepOutput` of this request: its output and, when streamed, what each sample has not sent yet."""
+        by_index = {seq.index: seq for seq in self.seqs}
+        deltas = [final_delta(by_index.get(c.index), c) for c in output.outputs] if self.stream else []
+        version = deltas[0].weight_versions[0] if deltas and deltas[0].weight_versions else output.weight_version
+        return StepOutput(self.request_id, deltas, True, output, version)
+
+    def deltas(self) -> list:
+        """What each unfinished sample gained since its last delta."""
+        return [d for seq in self.seqs if not seq.is_finished and (d := sample_delta(seq)) is not None]
 
     def _prompt_logprobs(self) -> list:
         out: list = [None]
@@ -141,20 +161,26 @@ class LLMEngine:
             return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.logits_size})"
         return None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None) -> None:
-        """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None,
+                    stream: bool = False) -> None:
+        """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running).
+
+        `stream`: `step()` reports the request's new tokens every step (not for beam search)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         problem = self.check_request(prompt_token_ids, params)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
         if getattr(params, "beam_width", None) is not None:  # BeamSearchParams
+            if stream:
+                raise ValueError("stream=True is not supported for beam search")
             request = BeamRequest(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
             self.requests[request_id] = request
             self.scheduler.add(new_beam_sequence(request))
             return
-        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version, stream)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
+        seq.tracks_text = seq.tracks_text or stream
         if params.seed is not None:
             seq.generator = _seeded_generator(params.seed, 0)
         request.seqs.append(seq)
@@ -164,8 +190,8 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one forward pass over everything scheduled; returns the requests that finished."""
+    def step(self) -> list[StepOutput]:
+        """Runs one forward pass over everything scheduled; returns what finished, and what streamed requests gained."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -195,7 +221,9 @@ class LLMEngine:
         logits = logits[:num_sampled]
         finished = []
         if beams:
-            finished = self.beam_searcher.process(logits[torch.tensor(beam_rows, device=logits.device)], beams)
+            rows = logits[torch.tensor(beam_rows, device=logits.device)]
+            finished = [StepOutput(o.request_id, [], True, o, self.weight_version)
+                        for o in self.beam_searcher.process(rows, beams)]
         if not targets:
             return finished
         if len(logit_rows) != num_sampled:
@@ -228,8 +256,8 @@ class LLMEngine:
         self.scheduler.fork(seq, children)
         return children
 
-    def _postprocess(self, seqs: list[Sequence], out) -> list[RequestOutput]:
-        finished = []
+    def _postprocess(self, seqs: list[Sequence], out) -> list[StepOutput]:
+        finished, streamed = [], {}
         tokens = out.token_ids.tolist()
         logprobs = out.logprobs.unbind(0)
         has_top = out.top_ids is not None
@@ -247,29 +275,34 @@ class LLMEngine:
                     seq.top_logprobs.append(top_lps[i])
                     seq.ranks.append(ranks[i])
             self.stats.num_generated_tokens += 1
-            if not self._check_stop(seq, token):
+            new_text = self._update_text(seq) if seq.tracks_text else ""
+            request = self.requests[seq.request_id]
+            if request.stream:
+                streamed[seq.request_id] = request
+            if not self._check_stop(seq, token, new_text):
                 continue
             self.scheduler.finish(seq)
-            request = self.requests[seq.request_id]
             request.num_finished += 1
             if request.num_finished == request.params.n:
                 del self.requests[seq.request_id]
-                finished.append(request.output(self.detokenize))
+                streamed.pop(seq.request_id, None)
+                finished.append(request.step_output(request.output(self.detokenize)))
+        for request in streamed.values():
+            deltas = request.deltas()
+            if deltas:
+                finished.append(StepOutput(request.request_id, deltas, False, None, deltas[0].weight_versions[0]))
         return finished
 
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
+    def _check_stop(self, seq: Sequence, token: int, new_text: str) -> bool:
         params = seq.params
         at_limit = seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
         if seq.num_completion_tokens < params.min_tokens and not at_limit:
-            # EOS and stop ids were masked out by the sampler; stop strings are not looked for yet.
-            if params.stop:
-                self._update_text(seq)
-            return False
+            return False  # EOS and stop ids were masked out by the sampler; stop strings are not looked for yet
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif params.stop and self._stop_string(seq):
+        elif params.stop and self._stop_string(seq, new_text):
             seq.finish_reason = "stop"
         elif at_limit:
             seq.finish_reason = "length"
@@ -287,8 +320,7 @@ class LLMEngine:
         seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
         return new
 
-    def _stop_string(self, seq: Sequence) -> bool:
-        new = self._update_text(seq)
+    def _stop_string(self, seq: Sequence, new: str) -> bool:
         if not new:
             return False
         params, text = seq.params, seq.text
@@ -306,15 +338,15 @@ class LLMEngine:
         seq.stop_text_end = i + (len(stop) if params.include_stop_str_in_output else 0)
         return True
 
-    def abort_all(self) -> list[RequestOutput]:
+    def abort_all(self) -> list[StepOutput]:
         """Stops every request in flight, frees its blocks, returns what each had (finish_reason "abort")."""
         for seq in self.scheduler.abort_all():
             seq.finish_reason = seq.finish_reason or "abort"
-        outputs = [r.output(self.detokenize) for r in self.requests.values()]
+        outputs = [self._final(r) for r in self.requests.values()]
         self.requests.clear()
         return outputs
 
-    def abort_request(self, request_id: str):
+    def abort_request(self, request_id: str) -> StepOutput | None:
         """Stops one request, frees its blocks; returns what it had (finish_reason "abort"), None if unknown."""
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -323,7 +355,13 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = seq.finish_reason or "abort"
                 self.scheduler.finish(seq)
-        return request.output(self.detokenize)
+        return self._final(request)
+
+    def _final(self, request) -> StepOutput:
+        output = request.output(self.detokenize)
+        if isinstance(request, BeamRequest):
+            return StepOutput(request.request_id, [], True, output, request.weight_version)
+        return request.step_output(output)
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()

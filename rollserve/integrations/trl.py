@@ -380,23 +380,13 @@ class RolloutFunc:
         if trainer.state.global_step != self._synced_step:
             self.backend.sync_weights()
             self._synced_step = trainer.state.global_step
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        prompt_ids = [_tokenize(tokenizer, p, i) for i, p in enumerate(prompts)]
+        inputs = self.backend.llm.inputs
+        prompt_ids = [inputs.encode(p, f"prompts[{i}]").token_ids for i, p in enumerate(prompts)]
         training = trainer.model.training
         n = trainer.num_generations if training else trainer.num_generations_eval
         prompt_ids, completion_ids, logprobs, _ = self.backend.generate(prompt_ids, None, n)
         sampled = [[lp[0] for lp in seq] for seq in logprobs] if logprobs is not None else None
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": sampled}
-
-
-def _tokenize(tokenizer, prompt, i: int) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer(prompt).input_ids
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    raise ValueError(f"prompts[{i}] must be a string or a conversation (a list of message dicts), "
-                     f"got {type(prompt).__name__}")
 
 
 def rollout_func(config: RollserveConfig | None = None) -> RolloutFunc:

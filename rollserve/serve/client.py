@@ -439,5 +439,5 @@ def _delta_output(reply: dict) -> RequestOutput:
                              finish_reason=d.get("finish_reason"), stop_reason=d.get("stop_reason"),
                              top_logprobs=d.get("top_logprobs"), weight_versions=d.get("weight_versions"))
             for d in reply["outputs"]]
-    return RequestOutput(str(reply["index"]), None, [], outs)
+    return RequestOutput(str(reply["index"]), None, [], outs, reply.get("weight_version", 0))
 

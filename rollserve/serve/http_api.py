@@ -64,7 +64,7 @@ class _Tokens:
     async def get(self) -> list[str]:
         if self.table is None:
             tok = self.server.llm.tokenizer
-            size = self.server.llm.engine.logits_size
+            size = self.server.llm.logits_size
             build = (lambda: [tok.decode([i]) for i in range(size)]) if tok is not None else (
                 lambda: [f"<{i}>" for i in range(size)])
             self.table = await asyncio.wrap_future(self.server.call(build))
@@ -268,7 +268,7 @@ class _Shape:
 
 
 def _usage(job, completion_tokens: int) -> dict:
-    prompt = sum(len(ids) for _, ids, _ in job.requests)
+    prompt = sum(len(p.token_ids) for p, _ in job.requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 

@@ -231,13 +231,13 @@ class EngineServer:
                         self._step()
                     except Exception as e:  # an engine failure: end what was in flight, keep serving
                         self._engine_failed(e)
-                elif self.draining and not self.llm.engine.has_unfinished_requests():
+                elif self.draining and not self.llm.has_unfinished():
                     self._paused_now()
         finally:
             self._shutdown()
 
     def _can_step(self) -> bool:
-        return not (self.paused or self.asleep) and self.llm.engine.has_unfinished_requests()
+        return not (self.paused or self.asleep) and self.llm.has_unfinished()
 
     def _run_inbox(self) -> None:
         while True:
@@ -252,26 +252,26 @@ class EngineServer:
                     future.set_exception(e)
 
     def _step(self) -> None:
-        for out in self.llm.engine.step():
-            job = self._by_request.pop(out.request_id, None)
+        for out in self.llm.step():
+            job = self._by_request.pop(out.request_id, None) if out.finished else self._by_request.get(out.request_id)
             if job is not None:
-                self._finished(job, out)
-        for job in {id(j): j for j in self._by_request.values() if j.stream}.values():
-            job.send_deltas(self.llm.engine.requests)
+                self._route(job, out)
 
     def _engine_failed(self, exc: Exception) -> None:
         traceback.print_exc()
-        self.llm.engine.abort_all()
+        for rid in list(self._by_request):
+            self.llm.abort(rid)
         failed = {id(job): job for job in self._by_request.values()}
         self._by_request.clear()
         for job in failed.values():
             job.fail(RuntimeError(f"the engine failed while this request ran: {type(exc).__name__}: {exc}"))
             self._jobs.pop(job.key, None)
 
-    def _finished(self, job: Job, out) -> None:
-        aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out, "outputs", ()))
-        self.counters["requests_aborted" if aborted else "requests_ok"] += 1
-        if job.finish(out):
+    def _route(self, job: Job, out) -> None:
+        if out.finished:
+            aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out.output, "outputs", ()))
+            self.counters["requests_aborted" if aborted else "requests_ok"] += 1
+        if job.on_step(out):
             self._jobs.pop(job.key, None)
 
     # -- ZMQ front -----------------------------------------------------------------
@@ -441,7 +441,7 @@ class EngineServer:
         except Exception:
             self.counters["requests_rejected"] += 1
             raise
-        job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")), self.llm)
+        job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")))
         self._jobs[job_key] = job
         for index in range(len(requests)):
             if self.paused or self.draining or self.asleep:
@@ -451,13 +451,13 @@ class EngineServer:
         return job
 
     def _admit(self, job: Job, index: int) -> None:
-        rid = str(self._next_request)
+        prompt, params = job.requests[index]
+        rid = self.llm.add_request(prompt, params, request_id=str(self._next_request),
+                                   stream=job.stream)
         self._next_request += 1
-        text, ids, params = job.requests[index]
-        self.llm.engine.add_request(rid, ids, params, prompt=text)
         job.request_ids[index] = rid
         self._by_request[rid] = job
-        self.counters["prompt_tokens"] += len(ids)
+        self.counters["prompt_tokens"] += len(prompt.token_ids)
 
     def abort_job(self, job: Job) -> None:
         """Ends every request of `job` (finish_reason "abort"), held ones included; the job is answered."""
@@ -467,10 +467,10 @@ class EngineServer:
                 rid = job.request_ids[index] = f"unstarted-{index}"
                 out = unstarted_output(rid, *job.requests[index], self.llm.weight_version)
             else:
-                out = self.llm.engine.abort_request(rid)
+                out = self.llm.abort(rid)
                 self._by_request.pop(rid, None)
             if out is not None:
-                self._finished(job, out)
+                self._route(job, out)
         self._jobs.pop(job.key, None)
 
     # -- pause / resume -------------------------------------------------------
@@ -482,7 +482,7 @@ class EngineServer:
             for job in list(self._jobs.values()):
                 self.abort_job(job)
         self._pause_waiters.append(done)
-        if mode == "wait" and self.llm.engine.has_unfinished_requests():
+        if mode == "wait" and self.llm.has_unfinished():
             self.draining = True
         else:
             self._paused_now()
@@ -508,8 +508,8 @@ class EngineServer:
     def sleep(self, level: int = 1) -> None:
         """Frees the KV cache (level 2: also the weights, to host memory); requests that come meanwhile wait."""
         sleep = self.llm_method("sleep")
-        if self.llm.engine.has_unfinished_requests():
-            raise ValueError(f"sleep needs an idle engine, {len(self.llm.engine.requests)} requests are in flight: "
+        if self.llm.has_unfinished():
+            raise ValueError(f"sleep needs an idle engine, {self.llm.num_unfinished} requests are in flight: "
                              f"pause('wait') or pause('abort') first")
         sleep(level)
         self.asleep = True
@@ -522,15 +522,9 @@ class EngineServer:
 
     # -- metrics ----------------------------------------------------------------
     def stats(self) -> dict:
-        engine = self.llm.engine
-        sched, blocks = engine.scheduler, engine.block_manager
-        queries = sched.stats.prefix_cache_queries
-        return {**self.counters, "generation_tokens": engine.stats.num_generated_tokens,
-                "num_steps": engine.stats.num_steps, "num_running": len(sched.running),
-                "num_waiting": len(sched.waiting) + len(self._held),
-                "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
-                "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
-                "weight_version": self.llm.weight_version, "paused": self.paused, "asleep": self.asleep}
+        metrics = self.llm.metrics()
+        return {**self.counters, **metrics, "num_waiting": metrics["num_waiting"] + len(self._held),
+                "paused": self.paused, "asleep": self.asleep}
 
     # -- shutdown -----------------------------------------------------------------
     def _shutdown(self) -> None:

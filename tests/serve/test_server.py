@@ -545,3 +545,41 @@ def test_killed_server_fails_clients_within_timeout_and_restart_serves_them(tiny
     finally:
         r.close()
         srv.stop()
+
+
+def test_streamed_deltas_report_the_weight_version_of_their_tokens(server, remote, tiny_folder):
+    """RemoteLLM.stream and HTTP streaming: a request in flight across an update shows the change in its
+    per-token versions, each delta's version is its first token's, and a request started after the update
+    reports the new version in every delta."""
+    import urllib.request
+
+    from transformers import AutoModelForCausalLM
+
+    from rollserve import SamplingParams
+
+    weights = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(tiny_folder).named_parameters()]
+    v0 = remote.weight_version
+    stream = remote.stream([3, 4, 5], SamplingParams(max_tokens=400, ignore_eos=True, seed=3))
+    deltas = [next(stream), next(stream)]
+    v1 = remote.update_weights(weights, version=v0 + 1)
+    deltas += list(stream)
+    versions = [v for d in deltas for c in d.outputs for v in c.weight_versions]
+    assert len(versions) == 400 and versions[0] == v0 and versions[-1] == v1 and versions == sorted(versions)
+    for d in deltas:
+        for c in d.outputs:
+            if c.weight_versions:
+                assert d.weight_version == c.weight_versions[0]
+
+    after = list(remote.stream([3, 4, 5], SamplingParams(max_tokens=12, ignore_eos=True)))
+    assert after and all(d.weight_version == v1 for d in after)
+    assert [v for d in after for c in d.outputs for v in c.weight_versions] == [v1] * 12
+
+    body = {"model": server.info["model"], "prompt": "Hello", "max_tokens": 8, "stream": True,
+            "return_token_ids": True, "ignore_eos": True}
+    request = urllib.request.Request(server.info["http"] + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {API_KEY}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        chunks = [json.loads(line[len(b"data: "):]) for line in r if line.startswith(b"data: {")]
+    per_token = [v for ch in chunks for choice in ch["choices"] for v in choice.get("weight_versions") or []]
+    assert per_token == [v1] * 8
