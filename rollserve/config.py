@@ -95,9 +95,9 @@ class EngineConfig:
     the value and what is allowed. `kv_cache_memory` is held in bytes once constructed.
     """
 
-    dtype: str = _arg("auto", "dtype of the weights and the KV cache: 'auto' (the model's own), bf16, fp16 or "
-                              "fp32 (also bfloat16, float16, half, float32, float, or a floating torch.dtype)",
-                      _dtype)
+    dtype: "str | torch.dtype" = _arg(
+        "auto", "dtype of the weights and the KV cache: 'auto' (the model's own), bf16, fp16 or fp32 (also "
+                "bfloat16, float16, half, float32, float, or a floating torch.dtype)", _dtype)
     block_size: int = _arg(16, "tokens per paged KV block", _int(1))
     kv_cache_memory: int | str = _arg("2GiB", "memory given to the paged KV cache: bytes, or a size such as "
                                               "2GiB, 512MiB, 1.5GB", _size)
@@ -116,7 +116,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if "check" in f.metadata:
+            if "check" in f.metadata:  # the engine's fields; a subclass (RollserveConfig) checks its own
                 setattr(self, f.name, _checked(f"{type(self).__name__}.{f.name}", f, getattr(self, f.name)))
 
 
