@@ -30,23 +30,15 @@ class LLM:
 
     `model` is an HF folder, a `.gguf` file (converted once to a cached HF
     folder) or a live `PreTrainedModel` (the trainer's own module, used in
-    place unless `dtype` asks for another). `kv_cache_memory` is in bytes.
-
-    `double_buffer_weights`: keep a second copy of the weights that `update_weights` writes
-    and checks in one pass while generation goes on, then swaps in between two steps (about
-    plain-copy speed, and generation pauses only for the swap) at the cost of one more copy of
-    the weights in memory. Off: the update is checked, then copied in between two steps.
+    place unless `dtype` asks for another). `tokenizer`: a tokenizer, a folder
+    to load one from, or None (the model folder's). The engine arguments are
+    keywords, the fields of `rollserve.EngineConfig` (`dtype="bf16"`,
+    `kv_cache_memory="2GiB"`, `max_num_seqs=64`, ...), checked there.
     """
 
-    def __init__(self, model, tokenizer=None, dtype="auto", block_size: int = 16,
-                 kv_cache_memory: int = EngineConfig.kv_cache_memory, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, seed: int = 0, double_buffer_weights: bool = False):
-        if not isinstance(double_buffer_weights, bool):
-            raise ValueError(f"double_buffer_weights={double_buffer_weights!r} is invalid: must be True or False")
-        config = EngineConfig(block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
-                              enable_prefix_caching, max_model_len, seed)
-        self.model, tokenizer_source = load_model(model, resolve_dtype(dtype))
+    def __init__(self, model, tokenizer=None, **engine_args):
+        config = EngineConfig(**engine_args)
+        self.model, tokenizer_source = load_model(model, resolve_dtype(config.dtype))
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_source)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -60,7 +52,7 @@ class LLM:
         self._request_ids = count()
         self._step_lock = threading.Lock()  # held around each engine step and each weight update
         self._update_gate = threading.Lock()  # a waiting update holds it, so the step loop cannot starve it
-        self._weight_buffers = updater.WeightBuffers() if double_buffer_weights else None
+        self._weight_buffers = updater.WeightBuffers() if config.double_buffer_weights else None
 
     @staticmethod
     def _load_tokenizer(tokenizer, source):

@@ -17,6 +17,7 @@ Once ready, the process prints one line `ROLLSERVE READY {json addresses}`.
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hmac
 import json
 import os
@@ -31,7 +32,8 @@ import traceback
 
 import zmq
 
-from . import protocol
+from ..config import engine_args_from
+from . import options, protocol
 from .jobs import Job, RequestEncoder, unstarted_output
 
 CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache", "init_weight_group",
@@ -553,37 +555,12 @@ HANDLERS = {name.removeprefix("_on_") for name in dir(EngineServer) if name.star
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.")
-    add_arguments(ap)
+    from ..cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.",
+                                 formatter_class=HelpFormatter)
+    options.add_arguments(ap)
     return ap
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The `serve` options, on `ap` (a standalone parser or a `rollserve serve` subparser)."""
-    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--host", default="127.0.0.1", help="address every front binds (default: loopback only)")
-    ap.add_argument("--zmq-port", type=int, default=0, help="ZMQ port for RemoteLLM (0: a free one)")
-    ap.add_argument("--http-port", type=int, default=0, help="HTTP port (0: a free one, -1: no HTTP front)")
-    ap.add_argument("--weights-port", type=int, default=0, help="shared-memory weight receiver port (0: free)")
-    ap.add_argument("--api-key", default=os.environ.get("ROLLSERVE_API_KEY"),
-                    help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
-    ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
-    ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest message header (bytes)")
-    ap.add_argument("--max-update-bytes", type=int, default=4 << 30,
-                    help="largest update_weights message over ZMQ tensor frames (bytes; the shared-memory and "
-                         "weight-group transports are not limited)")
-    ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--double-buffer-weights", action="store_true",
-                    help="updates are written and checked in spare storage, then swapped in (one more copy "
-                         "of the weights in memory; see LLM(double_buffer_weights=...))")
 
 
 def main(argv=None) -> None:
@@ -594,11 +571,7 @@ def run(args: argparse.Namespace) -> None:
     """Loads the model, serves until SIGTERM/SIGINT, cleans up."""
     from ..llm import LLM
 
-    kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-              double_buffer_weights=args.double_buffer_weights, **kwargs)
+    llm = LLM(args.model, tokenizer=args.tokenizer, **dataclasses.asdict(engine_args_from(args)))
     server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
                           args.weights_port, args.api_key, args.shm_prefix,
                           args.served_model_name or os.path.basename(os.path.normpath(args.model)),

@@ -1,0 +1,27 @@
+"""The options of `rollserve serve` (and `python -m rollserve.serve.server`).
+
+Apart from the server so that they import neither torch nor zmq: `rollserve serve --help` is quick.
+"""
+
+import os
+
+from ..config import add_engine_arguments
+
+
+def add_arguments(ap) -> None:
+    """The `serve` options, on `ap` (a standalone parser or a `rollserve serve` subparser)."""
+    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    ap.add_argument("--host", default="127.0.0.1", help="address every front binds (127.0.0.1: loopback only)")
+    ap.add_argument("--zmq-port", type=int, default=0, help="ZMQ port for RemoteLLM (0: a free one)")
+    ap.add_argument("--http-port", type=int, default=0, help="HTTP port (0: a free one, -1: no HTTP front)")
+    ap.add_argument("--weights-port", type=int, default=0, help="shared-memory weight receiver port (0: free)")
+    ap.add_argument("--api-key", default=os.environ.get("ROLLSERVE_API_KEY"),
+                    help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
+    ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
+    ap.add_argument("--served-model-name", default=None, help="model name of the HTTP front (default: the folder's)")
+    ap.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest message header (bytes)")
+    ap.add_argument("--max-update-bytes", type=int, default=4 << 30,
+                    help="largest update_weights message over ZMQ tensor frames (bytes; the shared-memory and "
+                         "weight-group transports are not limited)")
+    add_engine_arguments(ap.add_argument_group("engine (see rollserve.EngineConfig)"))
