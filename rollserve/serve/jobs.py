@@ -12,6 +12,7 @@ import torch
 from . import protocol
 from ..outputs import BeamSearchOutput, CompletionOutput, RequestOutput
 from ..sampling_params import BeamSearchParams
+from ..weight_sync.wire import failure
 
 MAX_PROMPTS = 4096
 
@@ -23,15 +24,15 @@ class RequestEncoder:
         self.llm = llm
         self.tokenizer = llm.tokenizer
 
-    def encode(self, header: dict) -> list[tuple]:
-        conversations = header.get("conversations")
-        prompts = header.get("prompts") if conversations is None else conversations
+    def encode(self, request: protocol.Generate) -> list[tuple]:
+        conversations = request.conversations
+        prompts = request.prompts if conversations is None else conversations
         field = "prompts" if conversations is None else "conversations"
         if not isinstance(prompts, list) or not prompts:
             raise ValueError(f"{field} must be a non-empty list")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"{field} has {len(prompts)} entries; at most {MAX_PROMPTS} per message")
-        params = header.get("params")
+        params = request.params
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} params for {len(prompts)} {field}")
@@ -43,11 +44,11 @@ class RequestEncoder:
             if conversations is None:
                 text, ids = self.llm._encode(i, prompt)  # the same checks and messages as LLM.generate
             else:
-                text, ids = self._conversation(i, prompt, header.get("chat_template_kwargs") or {})
+                text, ids = self._conversation(i, prompt, request.chat_template_kwargs or {})
             if isinstance(raw, dict) and "max_tokens" in raw and raw["max_tokens"] is None:  # to the context's end
                 raw = {**raw, "max_tokens": max(1, self.llm.max_model_len - len(ids))}
             p = protocol.params_from_dict(raw, where[i])
-            if header.get("stream") and isinstance(p, BeamSearchParams):
+            if request.stream and isinstance(p, BeamSearchParams):
                 raise ValueError("stream=True is not supported for beam search")
             problem = self.llm.engine.check_request(ids, p)
             if problem:
@@ -96,17 +97,16 @@ class Job:
         self.remaining -= 1
         if self.stream:
             tails = [self._tail(index, c) for c in out.outputs]
-            self.send({"type": "delta", "id": self.msg_id, "index": index, "outputs": tails,
-                       "finished": True, "output": protocol.output_to_dict(out)})
+            self.send(protocol.Delta(id=self.msg_id, index=index, outputs=tails, finished=True,
+                                     output=protocol.output_to_dict(out)))
             if self.remaining == 0:
-                self.send({"type": "done", "id": self.msg_id})
+                self.send(protocol.Done(id=self.msg_id))
         elif self.remaining == 0:
-            self.send({"type": "result", "id": self.msg_id,
-                       "outputs": [protocol.output_to_dict(o) for o in self.outputs]})
+            self.send(protocol.Result(id=self.msg_id, outputs=[protocol.output_to_dict(o) for o in self.outputs]))
         return self.remaining == 0
 
     def fail(self, exc: BaseException) -> None:
-        self.send(protocol.error_reply(self.msg_id, exc))
+        self.send(failure(exc, protocol.Error, id=self.msg_id))
 
     # -- streaming ----------------------------------------------------------------
     def send_deltas(self, engine_requests: dict) -> None:
@@ -116,7 +116,7 @@ class Job:
                 continue
             deltas = [d for d in (self._delta(index, seq) for seq in request.seqs) if d is not None]
             if deltas:
-                self.send({"type": "delta", "id": self.msg_id, "index": index, "outputs": deltas, "finished": False})
+                self.send(protocol.Delta(id=self.msg_id, index=index, outputs=deltas))
 
     def _delta(self, index: int, seq) -> dict | None:
         sent = self.sent[index].setdefault(seq.index, [0, 0])
