@@ -22,6 +22,8 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from . import protocol
+
 _EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                "include_stop_str_in_output", "skip_special_tokens", "presence_penalty", "frequency_penalty", "seed")
 _UNSUPPORTED = {"best_of": (None, 1), "echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
@@ -101,12 +103,12 @@ def build_app(server) -> FastAPI:
     async def on_http_error(request, exc: HTTPError):
         return _error(exc.status, str(exc), exc.param, exc.kind)
 
-    async def submit(header: dict):
+    async def submit(request: protocol.Generate):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         send = lambda m: loop.call_soon_threadsafe(queue.put_nowait, m)  # noqa: E731
         key = ("http", next(keys))
         try:
-            job = await asyncio.wrap_future(server.call(lambda: server.start_job(header, send, key)))
+            job = await asyncio.wrap_future(server.call(lambda: server.start_job(request, send, key)))
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
         return job, queue
@@ -115,21 +117,20 @@ def build_app(server) -> FastAPI:
         if job.remaining:
             server.call(lambda: server.abort_job(job))
 
-    async def run(request: Request, header: dict, shape):
+    async def run(request: Request, generate: protocol.Generate, shape):
         check_generation_key(request)
-        header["stream"] = bool(header.get("stream"))
-        job, queue = await submit(header)
+        job, queue = await submit(generate)
         table = await tokens.get() if shape.logprobs is not None else None
-        if header["stream"]:
+        if generate.stream:
             return StreamingResponse(_sse(job, queue, shape, table, abort), media_type="text/event-stream")
         try:
             msg = await queue.get()
         except asyncio.CancelledError:
             abort(job)
             raise
-        if msg["type"] == "error":
-            return _error(500, msg["message"], kind="server_error")
-        return JSONResponse(shape.response(job, msg["outputs"], table))
+        if isinstance(msg, protocol.Error):
+            return _error(500, msg.message, kind="server_error")
+        return JSONResponse(shape.response(job, msg.outputs, table))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -140,9 +141,9 @@ def build_app(server) -> FastAPI:
         if not isinstance(prompt, list) or not prompt:
             raise HTTPError(400, "prompt must be a string, a list of token ids, or a non-empty list of those", "prompt")
         logprobs = body.get("logprobs")
-        header = {"type": "generate", "prompts": prompt, "params": _sampling(body, "max_tokens", logprobs, 16),
-                  "stream": body.get("stream")}
-        return await run(request, header, _Shape("text_completion", server.model_name, body, logprobs))
+        generate = protocol.Generate(prompts=prompt, params=_sampling(body, "max_tokens", logprobs, 16),
+                                     stream=bool(body.get("stream")))
+        return await run(request, generate, _Shape("text_completion", server.model_name, body, logprobs))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -151,10 +152,10 @@ def build_app(server) -> FastAPI:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise HTTPError(400, "messages must be a non-empty list of message objects", "messages")
         logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
-        header = {"type": "generate", "conversations": [messages], "stream": body.get("stream"),
-                  "params": _sampling(body, "max_completion_tokens", logprobs, None),
-                  "chat_template_kwargs": body.get("chat_template_kwargs")}
-        return await run(request, header, _Shape("chat.completion", server.model_name, body, logprobs))
+        generate = protocol.Generate(conversations=[messages], stream=bool(body.get("stream")),
+                                     params=_sampling(body, "max_completion_tokens", logprobs, None),
+                                     chat_template_kwargs=body.get("chat_template_kwargs"))
+        return await run(request, generate, _Shape("chat.completion", server.model_name, body, logprobs))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -282,15 +283,15 @@ async def _sse(job, queue, shape: _Shape, table, abort):
                                                    "logprobs": None, "finish_reason": None}]})
         while True:
             msg = await queue.get()
-            if msg["type"] == "error":
-                yield _event({"error": {"message": msg["message"], "type": "server_error", "code": 500}})
+            if isinstance(msg, protocol.Error):
+                yield _event({"error": {"message": msg.message, "type": "server_error", "code": 500}})
                 return
-            if msg["type"] == "done":
+            if isinstance(msg, protocol.Done):
                 break
-            for c in msg["outputs"]:
+            for c in msg.outputs:
                 completion += len(c["token_ids"])
                 if c.get("text") or c.get("finish_reason") or shape.logprobs is not None or shape.return_ids:
-                    yield _event(shape.chunk(msg["index"], c, table))
+                    yield _event(shape.chunk(msg.index, c, table))
         if shape.include_usage:
             yield _event({**shape._head("chat.completion.chunk" if shape.chat else "text_completion"), "choices": [],
                           "usage": _usage(job, completion)})

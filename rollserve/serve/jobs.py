@@ -11,6 +11,7 @@ from . import protocol
 from ..inputs import Prompt
 from ..outputs import BeamSearchOutput, CompletionOutput, RequestOutput, StepOutput
 from ..sampling_params import BeamSearchParams
+from ..weight_sync.wire import failure
 
 MAX_PROMPTS = 4096
 
@@ -21,22 +22,22 @@ class RequestEncoder:
     def __init__(self, llm):
         self.llm = llm
 
-    def encode(self, header: dict) -> list[tuple]:
-        conversations = header.get("conversations")
-        prompts = header.get("prompts") if conversations is None else conversations
+    def encode(self, request: protocol.Generate) -> list[tuple]:
+        conversations = request.conversations
+        prompts = request.prompts if conversations is None else conversations
         field = "prompts" if conversations is None else "conversations"
         if not isinstance(prompts, list) or not prompts:
             raise ValueError(f"{field} must be a non-empty list")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"{field} has {len(prompts)} entries; at most {MAX_PROMPTS} per message")
-        params = header.get("params")
+        params = request.params
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} params for {len(prompts)} {field}")
             where = [f"params[{i}]" for i in range(len(prompts))]
         else:
             params, where = [params or {}] * len(prompts), ["params"] * len(prompts)
-        kwargs = header.get("chat_template_kwargs")
+        kwargs = request.chat_template_kwargs
         inputs, out = self.llm.inputs, []
         for i, (prompt, raw) in enumerate(zip(prompts, params)):
             if conversations is not None and not (isinstance(prompt, list) and prompt
@@ -46,7 +47,7 @@ class RequestEncoder:
             if isinstance(raw, dict) and "max_tokens" in raw and raw["max_tokens"] is None:  # to the context's end
                 raw = {**raw, "max_tokens": max(1, self.llm.max_model_len - len(encoded.token_ids))}
             p = protocol.params_from_dict(raw, where[i])
-            if header.get("stream") and isinstance(p, BeamSearchParams):
+            if request.stream and isinstance(p, BeamSearchParams):
                 raise ValueError("stream=True is not supported for beam search")
             inputs.check(encoded, p, f"{field}[{i}]")
             out.append((encoded, p))
@@ -83,19 +84,15 @@ class Job:
         if self.stream:
             self._send_delta(index, out, True)
             if self.remaining == 0:
-                self.send({"type": "done", "id": self.msg_id})
+                self.send(protocol.Done(id=self.msg_id))
         elif self.remaining == 0:
-            self.send({"type": "result", "id": self.msg_id,
-                       "outputs": [protocol.output_to_dict(o) for o in self.outputs]})
+            self.send(protocol.Result(id=self.msg_id, outputs=[protocol.output_to_dict(o) for o in self.outputs]))
         return self.remaining == 0
 
     def _send_delta(self, index: int, out: StepOutput, finished: bool) -> None:
-        message = {"type": "delta", "id": self.msg_id, "index": index,
-                   "outputs": [dataclasses.asdict(d) for d in out.deltas], "finished": finished,
-                   "weight_version": out.weight_version}
-        if finished:
-            message["output"] = protocol.output_to_dict(out.output)
-        self.send(message)
+        self.send(protocol.Delta(id=self.msg_id, index=index, outputs=[dataclasses.asdict(d) for d in out.deltas],
+                                 finished=finished, output=protocol.output_to_dict(out.output) if finished else None,
+                                 weight_version=out.weight_version))
 
     def fail(self, exc: BaseException) -> None:
-        self.send(protocol.error_reply(self.msg_id, exc))
+        self.send(failure(exc, protocol.Error, id=self.msg_id))

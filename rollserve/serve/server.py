@@ -35,6 +35,7 @@ import zmq
 from ..config import engine_args_from
 from . import options, protocol
 from .jobs import Job, RequestEncoder, unstarted_output
+from ..weight_sync.wire import PROTOCOL, check_positive, failure, kind
 
 CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache", "init_weight_group",
            "close_weight_group"}
@@ -176,7 +177,7 @@ class EngineServer:
         return receiver
 
     def info(self) -> dict:
-        return {"server_id": self.server_id, "protocol": protocol.PROTOCOL, "zmq": self.zmq_address,
+        return {"server_id": self.server_id, "protocol": PROTOCOL, "zmq": self.zmq_address,
                 "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
                 "hostname": socket.gethostname(), "model": self.model_name, "max_model_len": self.llm.max_model_len,
                 "weight_version": self.llm.weight_version, "pid": os.getpid(), "tokenizer": self.tokenizer_path(),
@@ -286,106 +287,100 @@ class EngineServer:
             identity, parts = frames[0].bytes, frames[1:]
             self._on_message(identity, parts)
 
-    def _send(self, identity: bytes, reply: dict) -> None:
+    def _send(self, identity: bytes, reply: protocol.Reply | protocol.Error) -> None:
         try:
-            self._router.send_multipart([identity, protocol.pack(reply)], zmq.NOBLOCK)
+            self._router.send_multipart([identity, protocol.REPLIES.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:  # the client is gone or not reading: its replies are dropped
             pass
 
     def _on_message(self, identity: bytes, parts) -> None:
-        msg_id = None
+        request = None
         try:
             if not parts:
                 raise ValueError("malformed message: no header frame")
             if len(parts[0]) > self.max_request_bytes:
                 raise ValueError(f"message header of {len(parts[0])} bytes exceeds max_request_bytes="
                                  f"{self.max_request_bytes}")
-            header = protocol.unpack(parts[0].buffer)
-            msg_id = header.get("id")
-            kind = header["type"]
-            handler = getattr(self, f"_on_{kind}", None) if kind in HANDLERS else None
-            if handler is None:
-                raise ValueError(f"unknown message type {kind!r}; known: {sorted(HANDLERS)}")
-            if len(parts) > 1 and kind != "update_weights":
-                raise ValueError(f"a {kind!r} message carries no tensor frames, got {len(parts) - 1}")
-            self._check_key(header, kind)
-            reply = handler(header, parts[1:], lambda m, i=identity: self._send(i, m), identity)
+            request = protocol.REQUESTS.decode(parts[0].buffer)
+            if len(parts) > 1 and not isinstance(request, protocol.UpdateWeights):
+                raise ValueError(f"a {kind(request)!r} message carries no tensor frames, got {len(parts) - 1}")
+            self._check_key(request)
+            reply = HANDLERS[type(request)](self, request, parts[1:], lambda m, i=identity: self._send(i, m),
+                                            identity)
         except Exception as e:
-            if msg_id is None or isinstance(msg_id, (int, str)):
-                self._send(identity, protocol.error_reply(msg_id if isinstance(msg_id, (int, str)) else None, e))
+            msg_id = request.id if request is not None else protocol.message_id(parts[0].buffer) if parts else None
+            self._send(identity, failure(e, protocol.Error, id=msg_id))
             return
         if reply is not None:
-            self._send(identity, {"type": "reply", "id": msg_id, **reply})
+            reply.id = request.id
+            self._send(identity, reply)
 
-    def _check_key(self, header: dict, kind: str) -> None:
-        if self.api_key is None or kind not in CONTROL | {"generate"}:
+    def _check_key(self, request: protocol.Request) -> None:
+        if self.api_key is None or kind(request) not in CONTROL | {"generate"}:
             return
-        given = header.get("api_key")
+        given = request.api_key
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise PermissionError(f"{kind!r} requires the server's API key (api_key missing or wrong)")
+            raise PermissionError(f"{kind(request)!r} requires the server's API key (api_key missing or wrong)")
 
-    # -- message handlers: return a reply dict, or None when the reply comes later -----------
-    def _on_hello(self, header, frames, send, key):
-        return self.info()
+    # -- message handlers: return a reply, or None when the reply comes later (HANDLERS) -------------
+    def _on_hello(self, request, frames, send, key):
+        return protocol.Info(**self.info())
 
-    def _on_ping(self, header, frames, send, key):
-        return {"server_id": self.server_id}
+    def _on_ping(self, request, frames, send, key):
+        return protocol.Pong(server_id=self.server_id)
 
-    def _on_health(self, header, frames, send, key):
-        return {"status": "ok", "server_id": self.server_id, "paused": self.paused, "asleep": self.asleep,
-                "weight_version": self.llm.weight_version, "weight_group": self.weight_group_state()}
+    def _on_health(self, request, frames, send, key):
+        return protocol.HealthReport(status="ok", server_id=self.server_id, paused=self.paused, asleep=self.asleep,
+                                     weight_version=self.llm.weight_version, weight_group=self.weight_group_state())
 
-    def _on_stats(self, header, frames, send, key):
-        return {"stats": self.stats()}
+    def _on_stats(self, request, frames, send, key):
+        return protocol.StatsReport(stats=self.stats())
 
-    def _on_generate(self, header, frames, send, key):
-        self.start_job(header, send, key)
-        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
+    def _on_generate(self, request: protocol.Generate, frames, send, key):
+        self.start_job(request, send, key)
+        send(protocol.Accepted(id=request.id, server_id=self.server_id))
 
-    def _on_abort(self, header, frames, send, key):
-        job = self._jobs.get((key, header.get("target")))
+    def _on_abort(self, request: protocol.Abort, frames, send, key):
+        job = self._jobs.get((key, request.target))
         if job is not None:
             self.abort_job(job)
-        return {"aborted": job is not None}
+        return protocol.Aborted(aborted=job is not None)
 
-    def _on_update_weights(self, header, frames, send, key):
+    def _on_update_weights(self, request: protocol.UpdateWeights, frames, send, key):
         total = sum(len(f) for f in frames)
         if total > self.max_update_bytes:
             raise ValueError(f"update_weights: the tensor frames hold {total} bytes, more than max_update_bytes="
                              f"{self.max_update_bytes} (the server's --max-update-bytes); nothing was applied. "
                              f"Send it over shared memory (same host) or a weight group (init_weight_group), "
                              f"or raise the limit")
-        named = protocol.frames_to_tensors(header.get("tensors"), frames)
-        return {"version": self.llm.update_weights(named, header.get("version"), header.get("require_all", False))}
+        named = protocol.frames_to_tensors(request.tensors, frames)
+        return protocol.Version(version=self.llm.update_weights(named, request.version, request.require_all))
 
-    def _on_init_weight_group(self, header, frames, send, key):
+    def _on_init_weight_group(self, request: protocol.InitWeightGroup, frames, send, key):
         """Joins a gloo group as an engine rank (the trainer, rank 0, hosts its rendezvous at `init_method`)."""
         from ..weight_sync.distributed import check_group_args
-        from ..weight_sync.wire import check_positive
 
-        init_method, rank, world_size = header.get("init_method"), header.get("rank", 1), header.get("world_size", 2)
-        timeout_s, connect_timeout_s = header.get("timeout_s", 1800.0), header.get("connect_timeout_s", 60.0)
-        check_group_args(init_method, rank, world_size, timeout_s)
-        check_positive("connect_timeout_s", connect_timeout_s)
-        if rank == 0:
+        check_group_args(request.init_method, request.rank, request.world_size, request.timeout_s)
+        check_positive("connect_timeout_s", request.connect_timeout_s)
+        if request.rank == 0:
             raise ValueError("rank must not be 0: rank 0 of a weight group is the trainer that sends the weights")
         current = self._weight_group
         if current is not None and current.active:
             raise ValueError(f"this server is already in a weight group ({current.state}, init_method="
                              f"{current.init_method}); close_weight_group first")
-        self._weight_group = _WeightGroup(self, init_method, rank, world_size, float(timeout_s),
-                                          float(connect_timeout_s))
+        self._weight_group = _WeightGroup(self, request.init_method, request.rank, request.world_size,
+                                          request.timeout_s, request.connect_timeout_s)
         self._weight_group.thread.start()
-        return {"weight_group": self._weight_group.describe()}
+        return protocol.WeightGroupState(weight_group=self._weight_group.describe())
 
-    def _on_close_weight_group(self, header, frames, send, key):
+    def _on_close_weight_group(self, request, frames, send, key):
         """Leaves the weight group: updates still sent on it are refused (the trainer should close its side)."""
         group = self._weight_group
         if group is not None:
             group.close()
-        return {"weight_group": self.weight_group_state()}
+        return protocol.WeightGroupState(weight_group=self.weight_group_state())
 
-    def _on_tokenizer_files(self, header, frames, send, key):
+    def _on_tokenizer_files(self, request, frames, send, key):
         """The tokenizer as files (`save_pretrained`), for clients on hosts without the server's folder."""
         import tempfile
 
@@ -398,33 +393,33 @@ class EngineServer:
             for name in sorted(os.listdir(folder)):
                 with open(os.path.join(folder, name), "rb") as f:
                     files[name] = f.read()
-        return {"files": files}
+        return protocol.Files(files=files)
 
-    def _on_weight_version(self, header, frames, send, key):
-        return {"version": self.llm.weight_version}
+    def _on_weight_version(self, request, frames, send, key):
+        return protocol.Version(version=self.llm.weight_version)
 
-    def _on_weights_fingerprint(self, header, frames, send, key):
-        return {"fingerprint": self.llm.weights_fingerprint()}
+    def _on_weights_fingerprint(self, request, frames, send, key):
+        return protocol.Fingerprint(fingerprint=self.llm.weights_fingerprint())
 
-    def _on_reset_prefix_cache(self, header, frames, send, key):
+    def _on_reset_prefix_cache(self, request, frames, send, key):
         self.llm.reset_prefix_cache()
-        return {}
+        return protocol.Ok()
 
-    def _on_pause(self, header, frames, send, key):
-        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
-        self.pause(header.get("mode", "wait"), lambda: send({"type": "reply", "id": header.get("id")}))
+    def _on_pause(self, request: protocol.Pause, frames, send, key):
+        send(protocol.Accepted(id=request.id, server_id=self.server_id))
+        self.pause(request.mode, lambda: send(protocol.Ok(id=request.id)))
 
-    def _on_resume(self, header, frames, send, key):
+    def _on_resume(self, request, frames, send, key):
         self.resume()
-        return {}
+        return protocol.Ok()
 
-    def _on_sleep(self, header, frames, send, key):
-        self.sleep(header.get("level", 1))
-        return {}
+    def _on_sleep(self, request: protocol.Sleep, frames, send, key):
+        self.sleep(request.level)
+        return protocol.Ok()
 
-    def _on_wake_up(self, header, frames, send, key):
+    def _on_wake_up(self, request, frames, send, key):
         self.wake_up()
-        return {}
+        return protocol.Ok()
 
     def llm_method(self, name: str):
         fn = getattr(self.llm, name, None)
@@ -433,17 +428,17 @@ class EngineServer:
         return fn
 
     # -- jobs (ZMQ and HTTP) ----------------------------------------------------------
-    def start_job(self, header: dict, send, key) -> Job:
+    def start_job(self, request: protocol.Generate, send, key) -> Job:
         """Checks every prompt of a generate message, then queues them all (or none: the error names the prompt)."""
-        job_key = (key, header.get("id"))
+        job_key = (key, request.id)
         if job_key in self._jobs:
-            raise ValueError(f"message id {header.get('id')!r} is already generating")
+            raise ValueError(f"message id {request.id!r} is already generating")
         try:
-            requests = self.encoder.encode(header)
+            requests = self.encoder.encode(request)
         except Exception:
             self.counters["requests_rejected"] += 1
             raise
-        job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")))
+        job = Job(job_key, request.id, send, requests, request.stream)
         self._jobs[job_key] = job
         for index in range(len(requests)):
             if self.paused or self.draining or self.asleep:
@@ -551,7 +546,25 @@ class EngineServer:
         os.close(self._wake_w)
 
 
-HANDLERS = {name.removeprefix("_on_") for name in dir(EngineServer) if name.startswith("_on_") and name != "_on_message"}
+HANDLERS = {
+    protocol.Hello: EngineServer._on_hello,
+    protocol.Ping: EngineServer._on_ping,
+    protocol.Health: EngineServer._on_health,
+    protocol.Stats: EngineServer._on_stats,
+    protocol.Generate: EngineServer._on_generate,
+    protocol.Abort: EngineServer._on_abort,
+    protocol.UpdateWeights: EngineServer._on_update_weights,
+    protocol.InitWeightGroup: EngineServer._on_init_weight_group,
+    protocol.CloseWeightGroup: EngineServer._on_close_weight_group,
+    protocol.TokenizerFiles: EngineServer._on_tokenizer_files,
+    protocol.WeightVersion: EngineServer._on_weight_version,
+    protocol.WeightsFingerprint: EngineServer._on_weights_fingerprint,
+    protocol.ResetPrefixCache: EngineServer._on_reset_prefix_cache,
+    protocol.Pause: EngineServer._on_pause,
+    protocol.Resume: EngineServer._on_resume,
+    protocol.Sleep: EngineServer._on_sleep,
+    protocol.WakeUp: EngineServer._on_wake_up,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

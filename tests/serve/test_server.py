@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_llama
+from helpers import NAN_PROBLEMS, nan_update, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
@@ -458,6 +458,44 @@ def test_update_weights_over_a_distributed_group(server, tiny_folder):
             r.update_weights(original.items())
     finally:
         r.close()
+
+
+def test_nan_update_over_zmq_raises_weight_update_error(server, remote):
+    from rollserve.serve.client import RemoteLLM
+    from rollserve.weight_sync import WeightUpdateError
+
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="zmq") as zr:
+        with pytest.raises(WeightUpdateError) as refused:
+            zr.update_weights(nan_update())
+    assert refused.value.problems == NAN_PROBLEMS
+    assert str(refused.value).startswith(f"rollserve server at {server.info['zmq']}: ")
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+
+
+def test_nan_update_over_the_servers_weight_group_raises_weight_update_error(server, remote):
+    from rollserve.serve.client import RemoteLLM
+    from rollserve.weight_sync import WeightUpdateError
+
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="distributed") as r:
+        r.init_weight_group(timeout_s=60)
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "ready", 30)
+        with pytest.raises(WeightUpdateError) as refused:
+            r.update_weights(nan_update())
+        assert refused.value.problems == NAN_PROBLEMS
+        assert str(refused.value).startswith("engine at group rank 1: ")
+        assert r.health()["weight_group"]["state"] == "ready", "the group survives a refused update"
+        r.close_weight_group()
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "closed", 30)
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+
+
+def test_every_request_kind_has_a_handler():
+    from rollserve.serve import protocol
+    from rollserve.serve.server import HANDLERS
+
+    assert sorted(t.__struct_config__.tag for t in HANDLERS) == protocol.REQUESTS.kinds
 
 
 def test_pause_modes_keep_wait_abort(server, remote):
