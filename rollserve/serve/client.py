@@ -13,6 +13,7 @@ import msgspec
 import zmq
 
 from . import protocol
+from ..inputs import as_prompt_list
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
 from ..weight_sync.wire import RemoteError, check_update_args, kind, remote_error
@@ -150,7 +151,7 @@ class RemoteLLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """As `LLM.generate` (`use_tqdm` is accepted and ignored): one `RequestOutput` per prompt, in order."""
-        prompts = _normalize_prompts(prompts)
+        prompts = _prompt_list(prompts)
         return self._generate(protocol.Generate(prompts=prompts,
                                                 params=_params(sampling_params, len(prompts), SamplingParams)))
 
@@ -168,7 +169,7 @@ class RemoteLLM:
         """As `LLM.beam_search`: one `BeamSearchOutput` per prompt, in order."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        prompts = _normalize_prompts(prompts)
+        prompts = _prompt_list(prompts)
         return self._generate(protocol.Generate(prompts=prompts, params=protocol.params_to_dict(params)))
 
     def _generate(self, request: protocol.Generate) -> list:
@@ -180,7 +181,7 @@ class RemoteLLM:
         The last one of each sample has its `finish_reason`. Closing the iterator early aborts the request.
         """
         params = _params(sampling_params, 1, SamplingParams)
-        request = protocol.Generate(prompts=_normalize_prompts(prompt)[:1], params=params, stream=True)
+        request = protocol.Generate(prompts=_prompt_list(prompt)[:1], params=params, stream=True)
         for reply in self._call(request):
             if isinstance(reply, protocol.Delta):
                 yield _delta_output(reply)
@@ -407,14 +408,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _normalize_prompts(prompts) -> list:
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-        return [list(prompts) if isinstance(prompts, tuple) else prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
-    return [list(p) if isinstance(p, tuple) else p for p in prompts]
-
-
 def _params(params, count: int, cls):
     if params is None:
         params = cls()
@@ -438,3 +431,7 @@ def _delta_output(reply: protocol.Delta) -> RequestOutput:
             for d in reply.outputs]
     return RequestOutput(str(reply.index), None, [], outs, reply.weight_version)
 
+
+def _prompt_list(prompts) -> list:
+    """As `LLM`: one prompt or a list of them (tuples become lists for the wire)."""
+    return [list(p) if isinstance(p, tuple) else p for p in as_prompt_list(prompts)]
