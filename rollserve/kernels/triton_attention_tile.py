@@ -1,24 +1,18 @@
 """The one tile step both Triton attention kernels share: scores of a query tile against one cache block,
 masked, soft-capped, folded into a running (online) softmax."""
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+# Under TRITON_INTERPRET=1, `tl.dot` gets bf16/fp16 inputs wrong (triton 3.9 multiplies their bit patterns):
+# there the kernels upcast them (exactly) to fp32 before each dot (UPCAST).
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU: small query tiles and head dims are padded up
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (the GPU default, tf32, would miss the references by ~1e-3)."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def interpreting() -> bool:
-    """Whether kernels run under `TRITON_INTERPRET=1`, whose `tl.dot` gets bf16/fp16 inputs wrong (triton
-    3.9 multiplies their bit patterns): there the kernels upcast exactly to fp32 before each dot."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention_tile import MIN_DOT, attend_block, dot_precision, interpreting
+from .triton_attention_tile import MIN_DOT, attend_block, dot_precision
+from .backend import triton_interpreting
 
 
 @triton.jit
@@ -60,5 +61,5 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         GROUP=group, GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)), NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, D_PAD=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window), PRECISION=dot_precision(query.dtype),
-        UPCAST=interpreting())
+        UPCAST=triton_interpreting())
     return out

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention_tile import MIN_DOT, attend_block, dot_precision, interpreting
+from .triton_attention_tile import MIN_DOT, attend_block, dot_precision
+from .backend import triton_interpreting
 
 BLOCK_M = 16
 
@@ -75,5 +76,5 @@ def paged_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         D_PAD=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window), PRECISION=dot_precision(query.dtype),
-        UPCAST=interpreting())
+        UPCAST=triton_interpreting())
     return out
