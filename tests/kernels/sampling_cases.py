@@ -17,6 +17,7 @@ ROWS = [
     dict(temperature=1.0, top_p=0.95, min_p=0.05),
     dict(temperature=0.5, min_p=0.2),
     dict(temperature=1.0, top_k=VOCAB + 10, top_p=0.6),
+    dict(temperature=3.0, top_k=4, top_p=0.6),  # top_p within a top_k set of much less than all the mass
     dict(temperature=0.9, top_k=7, top_p=0.5),  # on the tied row
 ]
 TIED_ROW = len(ROWS) - 1

@@ -25,12 +25,14 @@ def test_kernel_draws_the_references_tokens_and_logprobs(seed):
     torch.testing.assert_close(logprobs, want_logprobs, atol=1e-6, rtol=0)
 
 
-def test_kernel_follows_the_uniform_across_the_whole_distribution():
-    """One row at many uniforms: every draw equals the reference's (the CDF inversion, not only the filters)."""
-    logits = cases.logits(5)[2:3].expand(8, -1).contiguous().to(DEVICE)
-    args = {name: t[2:3].expand(8).contiguous() for name, t in cases.tensors(DEVICE).items()}
+@pytest.mark.parametrize("row", [2, cases.TIED_ROW - 1])
+def test_kernel_follows_the_uniform_across_the_whole_distribution(row):
+    """One row at many uniforms: every draw equals the reference's (the CDF inversion and the edges of the
+    kept set, not only one draw per row)."""
+    logits = cases.logits(5)[row:row + 1].expand(8, -1).contiguous().to(DEVICE)
+    args = {name: t[row:row + 1].expand(8).contiguous() for name, t in cases.tensors(DEVICE).items()}
     args["uniforms"] = torch.linspace(0, 0.999, 8, device=DEVICE)
     want_tokens, _ = sample(logits, **args)
     tokens, _ = triton_sampling.sample(logits, **args)
     assert tokens.tolist() == want_tokens.tolist()
-    assert len(set(tokens.tolist())) > 3
+    assert len(set(tokens.tolist())) > 1
