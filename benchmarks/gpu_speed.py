@@ -74,7 +74,8 @@ def weight_sync(llm, model, device) -> bool:
     llm.update_weights(trainer)
     synchronize(device)
     seconds = time.perf_counter() - start
-    print(f"weight sync: {gib:.2f} GiB in {seconds * 1e3:.1f} ms ({gib / seconds:.1f} GiB/s), in-process update_weights")
+    print(f"weight sync: {gib:.2f} GiB in {seconds * 1e3:.1f} ms ({gib / seconds:.1f} GiB/s), "
+          f"in-process update_weights")
     same = llm.weights_fingerprint() == weights_fingerprint(trainer)
     print(f"{'PASS' if same else 'FAIL'} weight sync: engine fingerprint == trainer fingerprint", flush=True)
     return same

@@ -5,8 +5,6 @@ import torch
 import triton
 import triton.language as tl
 
-# Under TRITON_INTERPRET=1, `tl.dot` gets bf16/fp16 inputs wrong (triton 3.9 multiplies their bit patterns):
-# there the kernels upcast them (exactly) to fp32 before each dot (UPCAST).
 MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU: small query tiles and head dims are padded up
 
 
@@ -29,8 +27,10 @@ def attend_block(q, acc, m_i, l_i, k_cache, v_cache, block_id, kv_head, first_po
                  UPCAST: tl.constexpr):
     """Folds cache block `block_id` (positions first_pos + [0, BLOCK_SIZE)) into (acc, m_i, l_i).
 
-    q: [M, D_PAD] queries at positions q_pos [M] (already fp32 under UPCAST); acc: [M, D_PAD] fp32; m_i, l_i: [M] fp32 running max / sum.
+    q: [M, D_PAD] queries at positions q_pos [M]; acc: [M, D_PAD] fp32; m_i, l_i: [M] fp32 running max / sum.
     A query at position p sees keys j <= p (and j > p - window under USE_WINDOW).
+    UPCAST (under TRITON_INTERPRET=1, whose `tl.dot` gets bf16/fp16 inputs wrong: triton 3.9 multiplies their
+    bit patterns): q arrives in fp32 and K, V and the probabilities are upcast, exactly, before each dot.
     """
     offs_n = tl.arange(0, BLOCK_SIZE)
     kv_pos = first_pos + offs_n

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention_tile import MIN_DOT, attend_block, dot_precision
 from .backend import triton_interpreting
+from .triton_attention_tile import MIN_DOT, attend_block, dot_precision
 
 
 @triton.jit
