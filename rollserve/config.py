@@ -123,8 +123,9 @@ class EngineConfig:
                "checked, then copied in between two steps)", _bool)
 
     attention_backend: str = _arg(
-        "auto", "attention kernels: 'auto' (Triton when the model is on a CUDA device and triton is installed, "
-                "else the torch references), 'torch' or 'triton'", _choice("auto", "torch", "triton"))
+        "auto", "attention kernels: 'auto' (Triton when the model is on a CUDA device, triton is installed and "
+                "block_size is a power of two >= 16; else the torch references), 'torch' or 'triton'",
+        _choice("auto", "torch", "triton"))
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -44,8 +44,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     nd = meta.num_decodes
     parts = []
     if nd:
-        parts.append(meta.ops.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                            meta.decode_context_lens, scale, sliding_window, softcap))
+        parts.append(meta.ops.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                     scale, sliding_window, softcap))
     if meta.prefill_query_lens:
         parts.append(meta.ops.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_query_lens,
                                       meta.prefill_context_lens, meta.prefill_block_tables, scale, sliding_window,
