@@ -83,6 +83,14 @@ def _bool(value):
     return value
 
 
+def _choice(*allowed: str):
+    def check(value):
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    return check
+
+
 def _arg(default, help: str, check, **extra):
     return field(default=default, metadata={"help": help, "check": check, **extra})
 
@@ -113,6 +121,11 @@ class EngineConfig:
         False, "update_weights writes and checks new weights in a second copy while generation goes on, then "
                "swaps it in between two steps (one more copy of the weights in memory; off: the update is "
                "checked, then copied in between two steps)", _bool)
+
+    attention_backend: str = _arg(
+        "auto", "attention kernels: 'auto' (Triton when the model is on a CUDA device, triton is installed and "
+                "block_size is a power of two >= 16; else the torch references), 'torch' or 'triton'",
+        _choice("auto", "torch", "triton"))
 
     def __post_init__(self) -> None:
         for f in fields(self):

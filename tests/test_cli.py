@@ -16,10 +16,10 @@ from helpers import REPO, cli_env
 
 ENGINE_ARGV = ["--dtype", "bf16", "--block-size", "32", "--kv-cache-memory", "512MiB", "--max-num-seqs", "8",
                "--max-num-batched-tokens", "128", "--no-prefix-caching", "--max-model-len", "64", "--seed", "3",
-               "--double-buffer-weights"]
+               "--double-buffer-weights", "--attention-backend", "torch"]
 ENGINE_ARGS = EngineConfig(dtype="bf16", block_size=32, kv_cache_memory=512 << 20, max_num_seqs=8,
                            max_num_batched_tokens=128, enable_prefix_caching=False, max_model_len=64, seed=3,
-                           double_buffer_weights=True)
+                           double_buffer_weights=True, attention_backend="torch")
 REQUIRED = {"generate": ["--model", "m", "--prompts", "p.jsonl", "--out", "o"], "serve": ["--model", "m"]}
 HEAVY = ("torch", "transformers")
 
@@ -45,7 +45,8 @@ def test_serve_and_generate_have_the_same_engine_options():
     generate, serve = (_engine_options(subcommands[c]) for c in ("generate", "serve"))
     assert generate == serve
     assert {"--kv-cache-memory", "--no-prefix-caching", "--double-buffer-weights", "--max-num-seqs",
-            "--max-num-batched-tokens", "--max-model-len", "--dtype", "--seed", "--block-size"} == set(serve)
+            "--max-num-batched-tokens", "--max-model-len", "--dtype", "--seed", "--block-size",
+            "--attention-backend"} == set(serve)
 
 
 def test_standalone_server_parser_matches():
@@ -62,6 +63,8 @@ def test_standalone_server_parser_matches():
     (["--max-num-seqs", "0"], "argument --max-num-seqs: max_num_seqs=0 is invalid: must be an int >= 1"),
     (["--block-size", "many"], "argument --block-size: block_size='many' is invalid: must be an int >= 1"),
     (["--dtype", "float13"], "argument --dtype: dtype='float13' is invalid: must be 'auto', one of"),
+    (["--attention-backend", "cuda"], "argument --attention-backend: attention_backend='cuda' is invalid: "
+                                      "must be one of 'auto', 'torch', 'triton'"),
 ])
 def test_bad_engine_option_is_an_argument_error(argv, message, capsys):
     for command in ("generate", "serve"):
