@@ -156,8 +156,7 @@ def _add_serve(subparsers) -> None:
 def _run_serve(args) -> int:
     from .serve import server
 
-    server.run(args)
-    return 0
+    return server.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
