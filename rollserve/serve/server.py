@@ -135,7 +135,8 @@ class EngineServer:
                 raise ValueError(f"{field} must be a positive int (bytes), got {value!r}")
         names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
         if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"served_model_name must be a non-empty name or list of names, got {served_model_name!r}")
+            raise ValueError(f"served_model_name must be a non-empty name or list of names, "
+                             f"got {served_model_name!r}")
         self.llm, self.host, self.api_key, self.model_names = llm, host, api_key, names
         self.max_request_bytes, self.max_update_bytes = max_request_bytes, max_update_bytes
         self._weight_group: _WeightGroup | None = None
@@ -193,7 +194,8 @@ class EngineServer:
     def info(self) -> dict:
         return {"server_id": self.server_id, "protocol": PROTOCOL, "zmq": self.zmq_address,
                 "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
-                "hostname": socket.gethostname(), "model": self.model_names[0], "max_model_len": self.llm.max_model_len,
+                "hostname": socket.gethostname(), "model": self.model_names[0],
+                "max_model_len": self.llm.max_model_len,
                 "weight_version": self.llm.weight_version, "pid": os.getpid(), "tokenizer": self.tokenizer_path(),
                 "max_request_bytes": self.max_request_bytes, "max_update_bytes": self.max_update_bytes,
                 "weight_group": self.weight_group_state()}
@@ -623,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> EngineServer:
-    if not os.path.exists(args.model):  # before the seconds spent importing torch
+    if not os.path.exists(args.model):  # at once, not after importing transformers
         raise ValueError(f"--model {args.model}: no such file or folder")
     from ..llm import LLM
 
