@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import add_engine_arguments, engine_args_from
+from .config import add_engine_arguments, dtype_name, engine_args_from
 from .sampling_params import SamplingParams
 
 _DEFAULTS = SamplingParams()
@@ -64,8 +64,10 @@ def load_callable(spec: str):
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample completions of a prompt set into a resumable dataset",
-                              description="Samples N completions of every prompt and writes them as shards "
-                                          "(rerun the same command to resume after an interruption).",
+                              description="Samples N completions of every prompt and writes them as shards, one "
+                                          "row per completion (rerun the same command to resume after an "
+                                          "interruption). Shards hold prompts in the order they finish: sort by "
+                                          "prompt_index, sample_index for prompt order.",
                               formatter_class=HelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--model", required=True, help="HF model folder or .gguf file")
@@ -78,7 +80,8 @@ def _add_generate(subparsers) -> None:
     io.add_argument("--batch-size", type=int, default=64, help="prompts per shard")
     io.add_argument("--overwrite", action="store_true", help="replace a dataset written with other parameters")
     io.add_argument("--reward", metavar="MODULE:FUNC",
-                    help="reward(prompt, completion, **row) -> float; MODULE may be a .py path")
+                    help="reward(prompt, completion, **row) -> float, in a 'reward' column (only with --reward); "
+                         "MODULE may be a .py path")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("sampling (see rollserve.SamplingParams)",
                              "--seed S (an engine option below) also seeds every prompt: prompt i is sampled "
@@ -120,6 +123,11 @@ def _run_generate(args) -> int:
     try:
         reward_fn = load_callable(args.reward) if args.reward else None
         prompts = read_prompts(args.prompts, args.prompt_field)
+        if (done := _already_complete(args, prompts, params)) is not None:
+            print(f"{args.out}: already complete with these parameters ({done.num_rows} rows, "
+                  f"{len(done.prompt_indices)} prompts); nothing to do, the model was not loaded "
+                  f"(--overwrite generates it again)")
+            return 0
         llm = LLM(args.model, **dataclasses.asdict(engine_args_from(args)))
     except (ValueError, TypeError, OSError) as e:
         return _fail(args, f"error: {e}", 2)
@@ -127,7 +135,7 @@ def _run_generate(args) -> int:
         summary = generate_dataset(
             llm, prompts, params, args.out, reward_fn, batch_size=args.batch_size, chat=args.chat,
             prompt_field=args.prompt_field, output_format=args.format, overwrite=args.overwrite,
-            use_tqdm=not args.no_progress, reward_name=args.reward)
+            use_tqdm=not args.no_progress, model_name=args.model, reward_name=args.reward)
     except RewardError as e:
         return _fail(args, f"stopped: {e}\nshards written so far are kept in {args.out}; rerun to resume", 1)
     except (ValueError, TypeError, OSError) as e:
@@ -136,6 +144,21 @@ def _run_generate(args) -> int:
         return _fail(args, f"interrupted; finished prompts are kept in {args.out}; rerun the same command to resume", 130)
     print(summary)
     return 0
+
+
+def _already_complete(args, prompts, params: SamplingParams):
+    """Refuses an `--out` generated with other parameters; its stats if it is complete already, else None.
+
+    Before the model loads, so it compares what is known then (the weights' dtype only when `--dtype`
+    names one); `generate_dataset` checks everything again.
+    """
+    from .dataset.shards import ShardStore, dataset_config
+
+    if args.overwrite:
+        return None
+    config = dataset_config(prompts, dataclasses.asdict(params), args.chat, args.prompt_field, args.format,
+                            args.reward, args.model, dtype_name(args.dtype))
+    return ShardStore(args.out, args.format, args.reward is not None).finished(config, params.n)
 
 
 def _fail(args, message: str, code: int) -> int:
@@ -156,8 +179,7 @@ def _add_serve(subparsers) -> None:
 def _run_serve(args) -> int:
     from .serve import server
 
-    server.run(args)
-    return 0
+    return server.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

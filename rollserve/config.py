@@ -48,6 +48,11 @@ def _dtype(dtype):
     raise ValueError(f"must be 'auto', one of {sorted(_DTYPES)} or a floating torch.dtype")
 
 
+def dtype_name(dtype: str) -> str | None:
+    """The canonical name of a checked dtype string (`"bf16"` -> `"bfloat16"`); `"auto"` -> None."""
+    return None if dtype == "auto" else _DTYPES[dtype.lower()]
+
+
 def resolve_dtype(dtype):
     """A checked dtype (`EngineConfig.dtype`) as a `torch.dtype`; `"auto"` -> None (keep the model's)."""
     import torch

@@ -112,3 +112,14 @@ def test_help_never_shows_the_api_key(monkeypatch):
     serve = _subcommands()["serve"]
     assert serve.parse_args(REQUIRED["serve"]).api_key == "secret-key-123"
     assert "secret-key-123" not in serve.format_help()
+
+
+def test_serve_byte_limits_are_sizes(capsys):
+    serve = _subcommands()["serve"]
+    args = serve.parse_args([*REQUIRED["serve"], "--max-update-bytes", "32MiB", "--max-request-bytes", "1048576"])
+    assert (args.max_update_bytes, args.max_request_bytes) == (32 << 20, 1 << 20)
+    defaults = serve.parse_args(REQUIRED["serve"])
+    assert (defaults.max_update_bytes, defaults.max_request_bytes) == (4 << 30, 16 << 20)
+    with pytest.raises(SystemExit) as info:
+        serve.parse_args([*REQUIRED["serve"], "--max-update-bytes", "lots"])
+    assert info.value.code == 2 and "argument --max-update-bytes: 'lots' is not a size" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from ..inputs import Prompt
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .prompts import PromptFileError, PromptRow, PromptSet, read_prompts
-from .shards import DatasetStats, ShardStore
+from .shards import DatasetStats, ShardStore, dataset_config
 from .writer import ShardWriter
 
 IN_FLIGHT_FACTOR = 2  # sequences kept in the engine, in units of max_num_seqs, so freed slots refill at once
@@ -125,14 +125,8 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
             reward_name: str | None, model_name: str | None) -> dict:
     model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
-    if Path(model).exists():
-        model = str(Path(model).resolve())
-    return {
-        "model": model, "dtype": str(llm.model.dtype).removeprefix("torch."),
-        "sampling_params": dataclasses.asdict(params), "chat": chat, "prompt_field": prompt_field,
-        "input_fingerprint": prompt_set.fingerprint, "num_prompts": len(prompt_set), "format": fmt,
-        "reward": reward_name,
-    }
+    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name, model,
+                          dtype=str(llm.model.dtype).removeprefix("torch."))
 
 
 def _now() -> str:
@@ -251,10 +245,12 @@ def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, 
     Message-list rows get the tokenizer's chat template; with `chat=True` string rows do too (as one user turn).
 
     Output: one row per completion (`prompt_index, prompt, sample_index, prompt_token_ids, completion,
-    completion_token_ids, logprobs, cumulative_logprob, finish_reason, weight_version`, and `reward` when
-    `reward_fn` is given) in shards `train-NNNNN.<output_format>` of `batch_size` prompts each, every sample
-    of a prompt in the same shard, each written atomically; `manifest.json` records the parameters, counts
-    and timings. The folder loads with `datasets.load_dataset(output_format, data_dir=output_dir)`.
+    completion_token_ids, logprobs, cumulative_logprob, finish_reason, weight_version`; a `reward` column
+    only when `reward_fn` is given) in shards `train-NNNNN.<output_format>` of `batch_size` prompts each, every
+    sample of a prompt in the same shard, each written atomically; `manifest.json` records the parameters,
+    counts and timings. The folder loads with `datasets.load_dataset(output_format, data_dir=output_dir)`.
+    Row order: a shard holds the prompts that finished first, so rows are not in prompt order; sort by
+    `(prompt_index, sample_index)` for that.
 
     Resume: with `resume=True` a rerun skips the prompts already in the shards (a killed run loses at most
     the prompts in flight). A folder written with other parameters is refused unless `overwrite=True`,

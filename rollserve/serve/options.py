@@ -3,9 +3,12 @@
 Apart from the server so that they import neither torch nor zmq: `rollserve serve --help` is quick.
 """
 
+import argparse
 import os
 
-from ..config import add_engine_arguments
+from ..config import add_engine_arguments, parse_size
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_arguments(ap) -> None:
@@ -19,9 +22,23 @@ def add_arguments(ap) -> None:
     ap.add_argument("--api-key", default=os.environ.get("ROLLSERVE_API_KEY"),
                     help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
     ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
-    ap.add_argument("--served-model-name", default=None, help="model name of the HTTP front (default: the folder's)")
-    ap.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest message header (bytes)")
-    ap.add_argument("--max-update-bytes", type=int, default=4 << 30,
-                    help="largest update_weights message over ZMQ tensor frames (bytes; the shared-memory and "
-                         "weight-group transports are not limited)")
+    ap.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                    help="model name(s) the HTTP front answers to; responses carry the first "
+                         "(default: the model folder's or file's name)")
+    ap.add_argument("--max-request-bytes", type=_size, default="16MiB",
+                    help="largest message header or HTTP body (bytes, or a size such as 16MiB)")
+    ap.add_argument("--max-update-bytes", type=_size, default="4GiB",
+                    help="largest update_weights message over ZMQ tensor frames (bytes, or a size such as 4GiB; "
+                         "the shared-memory and weight-group transports are not limited)")
+    ap.add_argument("--no-access-log", dest="access_log", action="store_false",
+                    help="no log line per HTTP request (method, path, status, tokens, latency)")
+    ap.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                    help="least severe log messages shown; debug also prints the traceback of a start-up failure")
     add_engine_arguments(ap.add_argument_group("engine (see rollserve.EngineConfig)"))
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

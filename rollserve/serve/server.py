@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import queue
 import secrets
@@ -119,16 +120,24 @@ class _WeightGroup:
 
 
 class EngineServer:
-    """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP."""
+    """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP.
+
+    `served_model_name`: the HTTP front's model name, or a list of names (aliases; responses carry the first).
+    `access_log`: one log line per HTTP request (logger `rollserve.access`, at INFO).
+    """
 
     def __init__(self, llm, host: str = "127.0.0.1", zmq_port: int = 0, http_port: int | None = 0,
                  weights_port: int = 0, api_key: str | None = None, shm_prefix: str | None = None,
-                 served_model_name: str = "rollserve", max_request_bytes: int = 16 << 20,
-                 max_update_bytes: int = 4 << 30):
+                 served_model_name: str | list[str] = "rollserve", max_request_bytes: int = 16 << 20,
+                 max_update_bytes: int = 4 << 30, access_log: bool = True):
         for field, value in (("max_request_bytes", max_request_bytes), ("max_update_bytes", max_update_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{field} must be a positive int (bytes), got {value!r}")
-        self.llm, self.host, self.api_key, self.model_name = llm, host, api_key, served_model_name
+        names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"served_model_name must be a non-empty name or list of names, "
+                             f"got {served_model_name!r}")
+        self.llm, self.host, self.api_key, self.model_names = llm, host, api_key, names
         self.max_request_bytes, self.max_update_bytes = max_request_bytes, max_update_bytes
         self._weight_group: _WeightGroup | None = None
         self.server_id = secrets.token_hex(8)
@@ -153,12 +162,18 @@ class EngineServer:
         self.paused, self.draining, self.asleep, self._running = False, False, False, True
         self._next_request = 0
         self.counters = {"requests_ok": 0, "requests_aborted": 0, "requests_rejected": 0, "prompt_tokens": 0}
-        self.receiver = self._start_receiver(host, weights_port, shm_prefix)
         self.http_address, self._http = None, None
-        if http_port is not None:
-            from .http_api import start_http
+        try:
+            if http_port is not None:
+                from .http_api import start_http
 
-            self._http, self.http_address = start_http(self, host, http_port)
+                self._http, self.http_address = start_http(self, host, http_port, access_log)
+            self.receiver = self._start_receiver(host, weights_port, shm_prefix)
+        except Exception:  # a port in use: close what is open, start nothing
+            if self._http is not None:
+                self._http.should_exit = True
+            self._context.destroy(linger=0)
+            raise
 
     def _start_receiver(self, host, port, prefix):
         from ..weight_sync.transports import SharedMemoryReceiver
@@ -179,7 +194,8 @@ class EngineServer:
     def info(self) -> dict:
         return {"server_id": self.server_id, "protocol": PROTOCOL, "zmq": self.zmq_address,
                 "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
-                "hostname": socket.gethostname(), "model": self.model_name, "max_model_len": self.llm.max_model_len,
+                "hostname": socket.gethostname(), "model": self.model_names[0],
+                "max_model_len": self.llm.max_model_len,
                 "weight_version": self.llm.weight_version, "pid": os.getpid(), "tokenizer": self.tokenizer_path(),
                 "max_request_bytes": self.max_request_bytes, "max_update_bytes": self.max_update_bytes,
                 "weight_group": self.weight_group_state()}
@@ -577,18 +593,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(argv))
+    sys.exit(run(build_parser().parse_args(argv)))
 
 
-def run(args: argparse.Namespace) -> None:
-    """Loads the model, serves until SIGTERM/SIGINT, cleans up."""
-    from ..llm import LLM
+def run(args: argparse.Namespace) -> int:
+    """Loads the model, serves until SIGTERM/SIGINT, cleans up; returns the exit status.
 
-    llm = LLM(args.model, tokenizer=args.tokenizer, **dataclasses.asdict(engine_args_from(args)))
-    server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
-                          args.weights_port, args.api_key, args.shm_prefix,
-                          args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-                          args.max_request_bytes, args.max_update_bytes)
+    A start-up failure (a bad model path, a port in use) is one line on stderr and status 1;
+    `--log-level debug` raises it instead, traceback and all.
+    """
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = _start(args)
+    except Exception as e:  # whatever stops the start-up is the user's to fix: say what, not where
+        if args.log_level == "debug":
+            raise
+        print(f"rollserve serve: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     print("ROLLSERVE READY " + json.dumps(server.info()), flush=True)
@@ -600,6 +621,26 @@ def run(args: argparse.Namespace) -> None:
         # interpreter under it can crash, so leave now (everything is closed and flushed)
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _start(args: argparse.Namespace) -> EngineServer:
+    if not os.path.exists(args.model):  # at once, not after importing transformers
+        raise ValueError(f"--model {args.model}: no such file or folder")
+    from ..llm import LLM
+
+    llm = LLM(args.model, tokenizer=args.tokenizer, **dataclasses.asdict(engine_args_from(args)))
+    return EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
+                        args.weights_port, args.api_key, args.shm_prefix,
+                        args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                        args.max_request_bytes, args.max_update_bytes, args.access_log)
+
+
+def _one_line(e: Exception) -> str:
+    message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, ValueError):  # ours: the message names the argument and what is wrong with it
+        return message
+    return f"{type(e).__name__}: {message} (--log-level debug shows the traceback)"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 KV_BYTES = 64 << 20
 MAX_UPDATE_BYTES = 32 << 20  # the tiny model's full state (~25 MB) fits in one ZMQ update
+SERVED_NAMES = ("tiny", "tiny-alias")
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -79,7 +80,8 @@ def server(tiny_folder):
     # double-buffered: weight updates are staged while the engine generates (the in-process and
     # shared-memory transport tests cover the default, copy-in updates)
     s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64",
-               "--max-update-bytes", str(MAX_UPDATE_BYTES), "--double-buffer-weights")
+               "--max-update-bytes", str(MAX_UPDATE_BYTES), "--double-buffer-weights",
+               "--served-model-name", *SERVED_NAMES)
     yield s
     assert s.stop() == 0, "".join(s.log)  # SIGTERM: a clean exit
     assert any("server stopped" in line for line in s.log)
@@ -165,7 +167,7 @@ def test_openai_client_completions_chat_streaming_logprobs(server, remote):
     from rollserve import SamplingParams
 
     client = openai.OpenAI(base_url=server.info["http"] + "/v1", api_key=API_KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == [server.info["model"]]
+    assert [m.id for m in client.models.list().data] == list(SERVED_NAMES) and server.info["model"] == "tiny"
     out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, n=2, seed=5, logprobs=2,
                                     temperature=1.0, top_p=1.0, extra_body={"return_token_ids": True})
     ref = remote.generate("Hello there", SamplingParams(n=2, max_tokens=6, seed=5, logprobs=2))[0]
@@ -192,12 +194,56 @@ def test_openai_client_completions_chat_streaming_logprobs(server, remote):
     assert chat.choices[0].message.content == cref.outputs[0].text
     assert [t.logprob for t in chat.choices[0].logprobs.content] == cref.outputs[0].logprobs
     assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, seed=9, stream=True)
+    stream = list(client.chat.completions.create(model="tiny-alias", messages=messages, max_tokens=5, seed=9,
+                                                 stream=True, stream_options={"include_usage": True}))
     pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
     assert "".join(pieces) == cref.outputs[0].text
+    assert {ch.model for ch in stream} == {"tiny"}  # an alias is answered under the first name
+    assert all(ch.usage is None for ch in stream[:-1]) and stream[-1].choices == []
+    assert stream[-1].usage.completion_tokens == len(cref.outputs[0].token_ids)
+    assert stream[-1].usage.prompt_tokens == len(cref.prompt_token_ids)
 
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=3.0)
+
+
+def test_unknown_model_is_a_404_naming_the_served_models(server):
+    import httpx2 as httpx
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", chat)):
+        r = httpx.post(server.info["http"] + path, json={"model": "gpt-4", "max_tokens": 2, **body}, headers=headers)
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["type"] == "NotFoundError" and error["param"] == "model" and error["code"] == 404
+        assert "'gpt-4' does not exist" in error["message"] and "'tiny', 'tiny-alias'" in error["message"]
+    no_model = httpx.post(server.info["http"] + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                          headers=headers)
+    assert no_model.status_code == 200 and no_model.json()["model"] == "tiny"
+    keyless = httpx.post(server.info["http"] + "/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert keyless.status_code == 401 and "tiny" not in keyless.text  # the key first: no names told without it
+
+
+def test_access_log_line_per_request(server):
+    import httpx2 as httpx
+
+    http = server.info["http"]
+    r = httpx.post(http + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3,
+                                                   "ignore_eos": True}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    with httpx.stream("POST", http + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "ignore_eos": True,
+                            "stream": True}) as streamed:
+        assert streamed.status_code == 200 and "[DONE]" in streamed.read().decode()
+    httpx.get(http + "/health")
+    line = re.compile(r'rollserve\.access: 127\.0\.0\.1:\d+ "POST /v1/completions" 200 '
+                      rf"prompt_tokens={prompt_tokens} completion_tokens=3 \d+\.\d{{3}}s$")
+    stream_line = re.compile(r'"POST /v1/chat/completions" 200 prompt_tokens=\d+ completion_tokens=4 ')
+    _wait_for(lambda: any(line.search(entry.rstrip()) for entry in server.log), timeout=30)
+    _wait_for(lambda: any(stream_line.search(entry) for entry in server.log), timeout=30)
+    _wait_for(lambda: any('"GET /health" 200 ' in entry for entry in server.log), timeout=30)
 
 
 def test_api_key_required(server):
