@@ -25,6 +25,19 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
+def sampling_params_list(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    """`generate`'s `sampling_params` (None, one for all, or one per prompt) as one per prompt, checked."""
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * num_prompts
+    if len(params) != num_prompts:
+        raise ValueError(f"got {len(params)} sampling_params for {num_prompts} prompts")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    return list(params)
+
+
 class LLM:
     """A paged, continuously batched generation engine over a `transformers` causal LM.
 
@@ -313,15 +326,8 @@ class LLM:
         checked before any is queued: a bad one raises `ValueError` and nothing runs.
         """
         prompts = as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        return self._run_all(prompts, params, use_tqdm, chat_template_kwargs)
+        return self._run_all(prompts, sampling_params_list(sampling_params, len(prompts)), use_tqdm,
+                             chat_template_kwargs)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True) -> list[BeamSearchOutput]:
         """Beam search over each prompt inside the engine (beams share KV blocks); one output per prompt, in order.
