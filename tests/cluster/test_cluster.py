@@ -170,8 +170,10 @@ def test_a_replica_killed_mid_generate_loses_nothing_and_comes_back_at_the_clust
     cluster.wait_ready(timeout=120)
     prompts = random_prompts([20 + i for i in range(12)], seed=9)
     params = seeded(len(prompts), n=2, max_tokens=40)
+    routed = [s.requests for s in cluster.stats()]
     want = cluster.generate(prompts, params)
-    restarts = [s.restarts for s in cluster.stats()]
+    stats = cluster.stats()
+    restarts, no_fault = [s.restarts for s in stats], [s.requests - r for s, r in zip(stats, routed)]
     before = metrics(cluster)
     future = cluster.generate_async(prompts, params)
     deadline = time.monotonic() + 60
@@ -184,6 +186,8 @@ def test_a_replica_killed_mid_generate_loses_nothing_and_comes_back_at_the_clust
     cluster.wait_ready(timeout=120)
     stats = cluster.stats()
     assert [s.restarts - r for s, r in zip(stats, restarts)] == [1, 0]
+    rerun = stats[1].requests - routed[1] - 2 * no_fault[1]
+    assert 0 < rerun <= no_fault[0]  # replica 0's unfinished requests ran again on replica 1
     assert versions(cluster) == [cluster.weight_version] * 2
     cluster.weights_fingerprint()  # raises when the restarted replica's weights differ from the survivor's
     assert_same(cluster.generate(prompts[:4], params[:4]), want[:4])
