@@ -126,6 +126,7 @@ class RolloutCluster:
         self._staged: dict[int, tuple[int, dict[int, int], list]] = {}  # token -> (version, slot -> token, buckets)
         self._tokens = itertools.count()
         self._request_ids = itertools.count()
+        self._sleeping = False
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollserve-cluster")
         _connect()
         self._group = placement_group([bundle] * num_replicas, strategy=placement_strategy)
@@ -320,7 +321,7 @@ class RolloutCluster:
     def weight_version(self) -> int:
         return self._weights.version
 
-    def update_weights(self, named_tensors, version: int | None = None) -> int:
+    def update_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
         """`LLM.update_weights` on every live replica, all or none; returns the new version.
 
         The tensors go into Ray's object store once (buckets of `bucket_bytes`); every replica stages
@@ -329,16 +330,17 @@ class RolloutCluster:
         replica on the old weights and version. A replica that is down meanwhile gets the new weights
         when it comes back, before it serves.
         """
-        return self.commit_weights(self.stage_weights(named_tensors, version))
+        return self.commit_weights(self.stage_weights(named_tensors, version, require_all))
 
-    def stage_weights(self, named_tensors, version: int | None = None) -> int:
+    def stage_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
         """The first phase of `update_weights`: every live replica stages and checks it; returns a token."""
         with self._weights_lock:
             new_version = next_version(self._weights.version, version)
             live = self._live()
             buckets = put_buckets(named_tensors, self.bucket_bytes)
-            calls = {s.index: s.actor.stage_weights.remote([(ref, None) for ref, _ in buckets], new_version,
-                                                            self._weights.version) for s in live}
+            fresh = [(ref, None) for ref, _ in buckets]
+            calls = {s.index: s.actor.stage_weights.remote(fresh, new_version, self._weights.version, require_all)
+                     for s in live}
             tokens, refusals, died = {}, [], []
             for index, ref in calls.items():
                 try:
@@ -429,12 +431,18 @@ class RolloutCluster:
     def _broadcast(self, method: str, *args) -> list:
         return self._get([getattr(s.actor, method).remote(*args) for s in self._live()])
 
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
     def sleep(self, level: int = 1) -> None:
-        """`LLM.sleep` on every live replica (one that restarts later comes back awake)."""
+        """`LLM.sleep` on every live replica (one that restarts meanwhile comes back awake)."""
         self._broadcast("sleep", level)
+        self._sleeping = True
 
     def wake_up(self) -> None:
         self._broadcast("wake_up")
+        self._sleeping = False
 
     def reset_prefix_cache(self) -> None:
         self._broadcast("reset_prefix_cache")

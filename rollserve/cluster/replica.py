@@ -88,14 +88,14 @@ class Replica:
                     self._work.clear()
 
     # -- weights ------------------------------------------------------------
-    def stage_weights(self, buckets: list, version: int, expected_version: int) -> int:
+    def stage_weights(self, buckets: list, version: int, expected_version: int, require_all: bool = False) -> int:
         """Stages `(bucket ref, names or None)` buckets as one update of `version`; returns the LLM's token."""
         import ray
 
         self._expect(expected_version, exact=True)
         values = ray.get([ref for ref, _ in buckets])
         named = (item for value, (_, names) in zip(values, buckets) for item in weights.read([value], names))
-        return self.llm.stage_weights(named, version)
+        return self.llm.stage_weights(named, version, require_all)
 
     def commit_weights(self, token: int) -> int:
         return self.llm.commit_weights(token)

@@ -1,7 +1,8 @@
 """RolloutCluster on a real local Ray cluster: 2 replicas of a tiny Llama, one torch thread each.
 
-One Ray start and one 2-replica cluster for the module (Ray and two engine processes take
-~20 s to start on a 2-core machine); tests that kill a replica wait for it to come back.
+One Ray start (helpers.ray_session) and one 2-replica cluster for the module (Ray and two engine
+processes take ~20 s to start on a 2-core machine); tests that kill a replica wait for it to
+come back.
 Tokens are compared exactly, logprobs within 1e-4 (the bound TRL's sampling_logp_difference
 check uses): the engine's packed forward is not bitwise invariant to what else is in the batch
 (one LLM alone differs by ~3e-6 between two batchings of the same prompts, ~2e-5 on the seed-1
@@ -18,6 +19,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from conftest import random_prompts  # noqa: E402
+from helpers import ray_session  # noqa: E402,F401 (fixture)
 from rollserve import LLM, BeamSearchParams, SamplingParams  # noqa: E402
 from rollserve.cluster import ClusterError, RolloutCluster  # noqa: E402
 from rollserve.weight_sync import WeightUpdateError, weights_fingerprint  # noqa: E402
@@ -25,13 +27,6 @@ from rollserve.weight_sync import WeightUpdateError, weights_fingerprint  # noqa
 KV = "8MiB"
 BUCKET = 1 << 16  # the tiny model's tensors in several buckets, so a NaN can sit in the last one
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
