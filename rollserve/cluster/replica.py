@@ -13,11 +13,25 @@ import os
 import queue
 import threading
 import uuid
+import warnings
 
+import numpy as np
 import torch
 
 from ..llm import LLM
-from . import weights
+from ..weight_sync.updater import normalize_name
+from ..weight_sync.wire import read_bucket
+
+
+def _read(buckets, names: set[str] | None = None):
+    """`(name, tensor view)` of every bucket, in order (with `names`, only those, by normalised name)."""
+    for entries, array in buckets:
+        with warnings.catch_warnings():  # the object store's buffer is read-only; the engine only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            bucket = torch.from_numpy(np.asarray(array))
+        for name, tensor in read_bucket(bucket, entries):
+            if names is None or normalize_name(name) in names:
+                yield name, tensor
 
 
 class ReplicaBehind(RuntimeError):
@@ -94,7 +108,7 @@ class Replica:
 
         self._expect(expected_version, exact=True)
         values = ray.get([ref for ref, _ in buckets])
-        named = (item for value, (_, names) in zip(values, buckets) for item in weights.read([value], names))
+        named = (item for value, (_, names) in zip(values, buckets) for item in _read([value], names))
         return self.llm.stage_weights(named, version, require_all)
 
     def commit_weights(self, token: int) -> int:
