@@ -20,6 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..weight_sync.updater import WeightUpdateError, next_version, normalize_name
 from ..weight_sync.wire import bucket_entries, plan_buckets, write_bucket
+from .replica import ReplicaBehind
 from .replicas import ClusterError
 
 
@@ -85,7 +86,10 @@ class ClusterWeights:
                 try:
                     tokens[index] = ray.get(ref, timeout=self.replicas.replica_timeout)
                 except RayTaskError as e:
-                    refusals.append((index, e.cause))
+                    if isinstance(e.cause, ReplicaBehind):  # restarted before this update: it syncs on return
+                        self.replicas.down(self.replicas.slots[index])
+                    else:
+                        refusals.append((index, e.cause))
                 except (RayActorError, GetTimeoutError):
                     died.append(index)
             if refusals or died:

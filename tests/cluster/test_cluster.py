@@ -188,6 +188,26 @@ def test_a_replica_killed_mid_generate_loses_nothing_and_comes_back_at_the_clust
     assert_same(cluster.generate(prompts[:4], params[:4]), want[:4])
 
 
+def test_a_replica_that_restarted_while_idle_gets_the_next_update_when_it_returns(cluster, tiny_model):
+    cluster.wait_ready(timeout=120)
+    actor = cluster.replicas.slots[1].actor  # asked directly: the driver must not notice the restart first
+    first = ray.get(actor.identity.remote())[0]
+    kill(cluster, 1)
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline
+        try:
+            if ray.get(actor.identity.remote(), timeout=60)[0] != first:
+                break
+        except ray.exceptions.RayActorError:
+            time.sleep(0.2)
+    trainer = tiny_model("llama", seed=3)
+    version = cluster.update_weights(trainer.named_parameters())  # replica 1 refuses to stage: it is behind
+    cluster.wait_ready(timeout=120)
+    assert versions(cluster) == [version] * 2
+    assert cluster.weights_fingerprint() == weights_fingerprint(trainer.named_parameters())
+
+
 def test_no_replica_left_is_a_clear_error_not_a_hang(ray_session, base):
     lone = RolloutCluster(base, 1, kv_cache_memory=KV, max_restarts=0, replica_timeout=2)
     try:
