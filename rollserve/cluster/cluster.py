@@ -263,11 +263,13 @@ class RolloutCluster:
         self._broadcast("reset_prefix_cache")
 
     def stats(self) -> list[ReplicaStats]:
-        """Per replica: alive, its load in outstanding tokens, requests routed, and its `LLM.metrics()`."""
+        """Per replica: alive, pid, restarts, its load in outstanding tokens, requests routed, its `LLM.metrics()`."""
         self.replicas.live()
         out = []
         for slot in self.replicas.slots:
             metrics = None
+            if slot.alive:
+                self.replicas.refresh(slot)
             if slot.alive:
                 try:
                     metrics = self.replicas.get(slot.actor.metrics.remote())

@@ -103,13 +103,14 @@ class Replica:
 
     # -- weights ------------------------------------------------------------
     def stage_weights(self, buckets: list, version: int, expected_version: int, require_all: bool = False) -> int:
-        """Stages `(bucket ref, names or None)` buckets as one update of `version`; returns the LLM's token."""
+        """Stages `(bucket ref, names or None)` buckets as one update of `version`; returns `(incarnation, token)`
+        (a commit must reach this same incarnation)."""
         import ray
 
         self._expect(expected_version, exact=True)
         values = ray.get([ref for ref, _ in buckets])
         named = (item for value, (_, names) in zip(values, buckets) for item in _read([value], names))
-        return self.llm.stage_weights(named, version, require_all)
+        return self._incarnation, self.llm.stage_weights(named, version, require_all)
 
     def commit_weights(self, token: int) -> int:
         return self.llm.commit_weights(token)

@@ -104,14 +104,25 @@ class Replicas:
         if not ray.wait([slot.probe], timeout=0)[0]:
             return
         try:
-            incarnation, pid, version = ray.get(slot.probe)
+            identity = ray.get(slot.probe)
         except RayActorError:  # restarting or gone for good: ask again next time
             slot.probe = None
             return
+        self._take_back(slot, identity)
+
+    def _take_back(self, slot: Slot, identity: tuple[str, int, int]) -> None:
+        incarnation, pid, version = identity
         self.sync(slot, version)
         with self.lock:
             slot.restarts += slot.incarnation != incarnation
             slot.incarnation, slot.pid, slot.alive, slot.probe = incarnation, pid, True, None
+
+    def refresh(self, slot: Slot) -> None:
+        """Asks a replica believed alive who it is: one Ray restarted unnoticed is synced and counted."""
+        try:
+            self._take_back(slot, self.get(slot.actor.identity.remote()))
+        except (RayActorError, ReplicaBehind, GetTimeoutError):
+            self.down(slot)
 
     def live(self) -> list[Slot]:
         """The replicas alive now (taking back those that came back); waits up to `replica_timeout` for one."""

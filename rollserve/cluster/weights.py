@@ -13,10 +13,11 @@ cluster's current ones by one more staged update.
 
 import itertools
 import threading
+import time
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from ..weight_sync.updater import WeightUpdateError, next_version, normalize_name
 from ..weight_sync.wire import bucket_entries, plan_buckets, write_bucket
@@ -66,7 +67,8 @@ class ClusterWeights:
         self.bucket_bytes = bucket_bytes
         self.committed = CommittedWeights()
         self.lock = threading.RLock()  # one update, or one replica's sync, at a time
-        self._staged: dict[int, tuple[int, dict[int, int], list]] = {}  # token -> (version, slot -> token, buckets)
+        # token -> (version, {slot index: (incarnation that staged, its token)}, buckets)
+        self._staged: dict[int, tuple[int, dict[int, tuple[str, int]], list]] = {}
         self._tokens = itertools.count()
 
     @property
@@ -101,10 +103,10 @@ class ClusterWeights:
     def commit(self, token: int) -> int:
         with self.lock:
             version, tokens, buckets = self._take(token)
-            died = [index for index in tokens if self._incarnation(index) != self.replicas.slots[index].incarnation]
+            died = [index for index, (staged_by, _) in tokens.items() if self._incarnation(index) != staged_by]
             if died:
                 self._refuse(tokens, [], died, "committing")
-            for index, replica_token in tokens.items():
+            for index, (_, replica_token) in tokens.items():
                 slot = self.replicas.slots[index]
                 try:
                     ray.get(slot.actor.commit_weights.remote(replica_token), timeout=self.replicas.replica_timeout)
@@ -120,17 +122,23 @@ class ClusterWeights:
     def sync(self, slot, its_version: int) -> None:
         with self.lock:
             if its_version != self.version:
-                token = self.replicas.get(slot.actor.stage_weights.remote(self.committed.buckets(), self.version,
-                                                                          its_version))
+                _, token = self.replicas.get(slot.actor.stage_weights.remote(self.committed.buckets(), self.version,
+                                                                             its_version))
                 self.replicas.get(slot.actor.commit_weights.remote(token))
 
     def _incarnation(self, index: int) -> str | None:
-        """The replica's incarnation now (None when it does not answer): another one has lost what was staged."""
-        try:
-            return ray.get(self.replicas.slots[index].actor.identity.remote(),
-                           timeout=self.replicas.replica_timeout)[0]
-        except (RayActorError, GetTimeoutError):
-            return None
+        """The replica's incarnation now (None when it does not answer); one that restarted lost what it staged."""
+        deadline = time.monotonic() + self.replicas.replica_timeout
+        while True:
+            try:
+                return ray.get(self.replicas.slots[index].actor.identity.remote(),
+                               timeout=max(deadline - time.monotonic(), 0))[0]
+            except ActorUnavailableError:  # unreachable for now (Ray says it may come back): ask again
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.1)
+            except (RayActorError, GetTimeoutError):
+                return None
 
     def _take(self, token: int):
         staged = self._staged.pop(token, None)
@@ -139,15 +147,15 @@ class ClusterWeights:
                              f"discarded)")
         return staged
 
-    def _discard(self, tokens: dict[int, int]) -> None:
-        for index, replica_token in tokens.items():
+    def _discard(self, tokens: dict[int, tuple[str, int]]) -> None:
+        for index, (_, replica_token) in tokens.items():
             try:
                 ray.get(self.replicas.slots[index].actor.discard_weights.remote(replica_token),
                         timeout=self.replicas.replica_timeout)
             except (RayActorError, RayTaskError, GetTimeoutError):
                 pass  # a replica that restarted holds nothing staged
 
-    def _refuse(self, tokens: dict[int, int], refusals: list, died: list[int], phase: str):
+    def _refuse(self, tokens: dict[int, tuple[str, int]], refusals: list, died: list[int], phase: str):
         self._discard(tokens)
         for index in died:
             self.replicas.down(self.replicas.slots[index])
