@@ -14,7 +14,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 
