@@ -25,6 +25,19 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos)
 
 
+def sampling_params_list(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    """`generate`'s `sampling_params` (None, one for all, or one per prompt) as one per prompt, checked."""
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * num_prompts
+    if len(params) != num_prompts:
+        raise ValueError(f"got {len(params)} sampling_params for {num_prompts} prompts")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    return list(params)
+
+
 class LLM:
     """A paged, continuously batched generation engine over a `transformers` causal LM.
 
@@ -53,6 +66,8 @@ class LLM:
         self._step_lock = threading.Lock()  # held around each engine step and each weight update
         self._update_gate = threading.Lock()  # a waiting update holds it, so the step loop cannot starve it
         self._weight_buffers = updater.WeightBuffers() if config.double_buffer_weights else None
+        self._staged: dict[int, tuple[updater.StagedUpdate, int | None]] = {}  # stage_weights token -> update
+        self._stage_tokens = count()
 
     @staticmethod
     def _load_tokenizer(tokenizer, source):
@@ -115,15 +130,62 @@ class LLM:
         engine step and applies between steps; sequences in flight continue with the
         new weights. The prefix cache is dropped, blocks in use included.
         """
-        new_version = updater.next_version(self.weight_version, version)
+        return self.commit_weights(self.stage_weights(named_tensors, version, require_all))
+
+    def stage_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
+        """The first half of `update_weights`: checks the whole update and holds it unapplied; returns a token.
+
+        `commit_weights(token)` applies it, `discard_weights(token)` drops it; until then the engine
+        generates with its current weights. Arguments and errors as in `update_weights` (a refused
+        update holds nothing). The split lets several engines apply an update all or none
+        (`rollserve.cluster`). With `double_buffer_weights=True` one update is staged at a time: a
+        second `stage_weights` waits until the first is committed or discarded.
+        """
+        updater.next_version(self.weight_version, version)  # a bad version fails before any tensor is read
         buffers = self._weight_buffers
-        with buffers.lock if buffers is not None else nullcontext():
+        if buffers is not None:
+            buffers.lock.acquire()  # held until commit or discard: the spares hold this update
+        try:
             staged = updater.stage_update(self.model, named_tensors, require_all, buffers)
+        except BaseException:
+            if buffers is not None:
+                buffers.lock.release()
+            raise
+        token = next(self._stage_tokens)
+        self._staged[token] = (staged, version)
+        return token
+
+    def commit_weights(self, token: int) -> int:
+        """Applies the update `stage_weights` returned `token` for, between engine steps; returns the new version.
+
+        Raises `ValueError` when `version` is no longer ahead of `weight_version` (another update
+        was applied meanwhile); the staged update is dropped either way.
+        """
+        staged, version = self._take_staged(token)
+        try:
             with self._update_gate, self._step_lock:
-                new_version = updater.next_version(self.weight_version, version)  # another update may have won
+                new_version = updater.next_version(self.weight_version, version)
                 staged.apply()
                 self.engine.weights_updated(new_version)
+        finally:
+            self._release_buffers()
         return new_version
+
+    def discard_weights(self, token: int) -> None:
+        """Drops the update `stage_weights` returned `token` for; the weights and version stay as they are."""
+        self._take_staged(token)
+        self._release_buffers()
+
+    def _take_staged(self, token: int) -> tuple:
+        staged = self._staged.pop(token, None)
+        if staged is None:
+            raise ValueError(f"token={token!r} names no staged update (never staged, or already committed or "
+                             f"discarded)")
+        return staged
+
+    def _release_buffers(self) -> None:
+        if self._weight_buffers is not None:
+            self._weight_buffers.lock.release()
 
     def advance_weight_version(self, version: int | None = None) -> int:
         """Records that the weights changed in place without `update_weights`; returns the new version.
@@ -264,15 +326,8 @@ class LLM:
         checked before any is queued: a bad one raises `ValueError` and nothing runs.
         """
         prompts = as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        return self._run_all(prompts, params, use_tqdm, chat_template_kwargs)
+        return self._run_all(prompts, sampling_params_list(sampling_params, len(prompts)), use_tqdm,
+                             chat_template_kwargs)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True) -> list[BeamSearchOutput]:
         """Beam search over each prompt inside the engine (beams share KV blocks); one output per prompt, in order.

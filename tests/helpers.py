@@ -87,3 +87,15 @@ def cli_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")  # a 2-core machine shared with the test process and other jobs
     return env
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the test process (tests/cluster, the TRL cluster test): Ray starts in ~10 s on
+    this machine, so the first module that asks starts it and Ray stops it at exit. Its CPUs are logical
+    (placement only): room for a 2-replica cluster, a TRL test's 2 replicas and a lone replica."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=5, include_dashboard=False, log_to_driver=False)
+    return ray

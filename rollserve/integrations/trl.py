@@ -51,6 +51,10 @@ class RollserveConfig(EngineConfig):
     sleep_level: int = field(default=1, metadata={
         "help": "1: the KV cache; 2: the KV cache and the engine's copy of the weights (moved to host memory). "
                 "In zero-copy mode the weights are the trainer's and never move"})
+    num_replicas: int | None = field(default=None, metadata={
+        "help": "generate with this many engine replicas on Ray (rollserve.cluster.RolloutCluster, one CPU each; "
+                "needs rollserve[ray]); each weight sync reaches all of them, all or none. None: one engine in the "
+                "trainer's process"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +66,10 @@ class RollserveConfig(EngineConfig):
             raise ValueError(f"RollserveConfig.sleep_level={self.sleep_level!r} is invalid: must be 1 or 2")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise ValueError(f"RollserveConfig.seed={self.seed!r} is invalid: must be None or an int >= 0")
+        if self.num_replicas is not None and (not isinstance(self.num_replicas, int)
+                                              or isinstance(self.num_replicas, bool) or self.num_replicas < 1):
+            raise ValueError(f"RollserveConfig.num_replicas={self.num_replicas!r} is invalid: must be None or an "
+                             f"int >= 1")
 
 
 def _is_peft(model) -> bool:
@@ -157,13 +165,22 @@ def _runs(prompts: list[list[int]]) -> list[tuple[list[int], int]]:
     return runs
 
 
+def _engine(module, tokenizer, num_replicas: int | None, engine_args: dict):
+    """An `LLM` in this process, or a `RolloutCluster` of `num_replicas` on Ray (same methods)."""
+    if num_replicas is None:
+        return LLM(module, tokenizer=tokenizer, **engine_args)
+    from ..cluster import RolloutCluster
+
+    return RolloutCluster(module, num_replicas, tokenizer=tokenizer, **engine_args)
+
+
 class RollserveGeneration:
     """TRL's `VLLMGeneration` shape backed by an in-process rollserve engine.
 
     `generate(prompts, images, num_generations)` returns `(prompt_ids, completion_ids,
     logprobs, logprob_token_ids)`, one row per prompt row, in order; `sync_weights()`
     brings the trainer's current weights into the engine and advances its weight version.
-    `llm` is the engine (`rollserve.LLM`).
+    `llm` is the engine (`rollserve.LLM`, or a `rollserve.cluster.RolloutCluster` with `num_replicas`).
     """
 
     def __init__(self, model, accelerator, processing_class, config: RollserveConfig | None = None, *,
@@ -178,14 +195,15 @@ class RollserveGeneration:
         self.config = config
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dtype = resolve_dtype(config.dtype) or _model_dtype(model)
-        obstacle = _zero_copy_obstacle(model, dtype, accelerator)
+        obstacle = ("num_replicas is set (the engines run in Ray replicas, other processes)"
+                    if config.num_replicas is not None else _zero_copy_obstacle(model, dtype, accelerator))
         if config.zero_copy and obstacle:
             raise ValueError(f"RollserveConfig.zero_copy=True is not possible: {obstacle}")
         self.zero_copy = config.zero_copy is not False and obstacle is None
         module = model if self.zero_copy else _engine_model(model, dtype, accelerator.device)
         engine_args = {f.name: getattr(config, f.name) for f in fields(EngineConfig)}
         engine_args.update(dtype=dtype, seed=seed if config.seed is None else config.seed)
-        self.llm = LLM(module, tokenizer=tokenizer, **engine_args)
+        self.llm = _engine(module, tokenizer, config.num_replicas, engine_args)
         self._synced_once = self.zero_copy
         self._sampling = dict(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0 if min_p is None else min_p,

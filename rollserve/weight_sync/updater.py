@@ -38,6 +38,10 @@ class WeightUpdateError(ValueError):
         message = ("update_weights rejected the update, nothing was applied (weights and version unchanged): "
                    + "; ".join(parts))
         super().__init__(message if where is None else f"{where}: {message}")
+        self.where = where
+
+    def __reduce__(self):  # pickled (Ray, multiprocessing) with its problems, not only its message
+        return type(self), (self.problems, self.where)
 
 
 def normalize_name(name: str) -> str:
