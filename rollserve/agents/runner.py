@@ -4,8 +4,11 @@ The engine thread (the caller's) only adds requests, steps the engine and turns 
 into environment calls; `reset` and `step` run in a pool, so other episodes keep generating while
 a tool runs. An episode's first turn is one request with `n` samples per distinct first prompt
 (the prompt is prefilled once and its KV blocks shared); every later turn is its own request whose
-prompt is the episode's token ids so far, so the prefix cache finds the earlier turns' KV and the
-turn prefills only the environment's tokens (plus the part of the last KV block that was not full).
+prompt is the episode's token ids so far. With `keep_kv` each turn's sample is parked in the engine
+(`add_request(park=True)`) while its environment runs and the next turn resumes it
+(`LLM.resume`), so that turn computes only the environment's tokens and the previous turn's last
+token; without, the prefix cache finds the earlier turns' full KV blocks and the turn also
+recomputes the last, partial block.
 """
 
 from collections import deque
@@ -26,6 +29,7 @@ class _Run:
     episode: Episode
     env: object
     history: str | None = None  # the text of the token ids so far (chat episodes)
+    parked: tuple[str, int] | None = None  # (request id, sample index) of its last turn, parked in the engine
 
 
 def _row(item, i: int) -> tuple[object, dict]:
@@ -49,7 +53,7 @@ def _seed(params: SamplingParams, *parts: int) -> int | None:
 
 def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | None = None, *, max_turns: int = 4,
                  max_total_tokens: int | None = None, concurrency: int = 64,
-                 chat_template_kwargs: dict | None = None) -> list[Episode]:
+                 chat_template_kwargs: dict | None = None, keep_kv: bool = True) -> list[Episode]:
     """Runs `sampling_params.n` episodes per prompt; returns them prompt by prompt, samples in order.
 
     `prompts`: prompts (a string is one user message; a conversation; token ids) or rows
@@ -58,7 +62,9 @@ def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | No
     `max_total_tokens` (default: the model's context) the whole episode; `max_turns` counts model
     turns. At most `concurrency` episodes are in flight. An environment that raises ends its
     episode with `finish_reason="error"`; the others go on. Requests of this call are aborted if it
-    raises (e.g. `TemplatePrefixError`).
+    raises (e.g. `TemplatePrefixError`). `keep_kv=False` re-submits each turn's whole token ids
+    instead of resuming the parked sample (the prefix cache still finds full blocks).
+    `chat_template_kwargs` go to every rendering (e.g. `tools=[...]`).
     """
     params = SamplingParams() if sampling_params is None else sampling_params
     if not isinstance(params, SamplingParams):
@@ -72,18 +78,21 @@ def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | No
     rows = [_row(item, i) for i, item in enumerate(prompts)]
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollserve-env") as pool:
         return _Loop(llm, rows, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs,
-                     pool).run()
+                     pool, keep_kv).run()
 
 
 class _Loop:
-    def __init__(self, llm, rows, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs, pool):
+    def __init__(self, llm, rows, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs, pool,
+                 keep_kv):
         self.llm, self.rows, self.env_factory, self.params = llm, rows, env_factory, params
+        self.keep_kv = keep_kv
         self.max_turns, self.limit, self.concurrency, self.pool = max_turns, limit, concurrency, pool
         self.chat = ChatSuffix(llm.inputs, llm.get_tokenizer(), chat_template_kwargs)
         self.todo = deque(range(len(rows)))
         self.in_engine: dict[str, list[_Run]] = {}  # request id -> the runs of its samples, by index
         self.in_env: dict = {}  # future -> (what it is: "reset" | "step", its run(s))
         self.num_active = 0
+        self.runs: list[_Run] = []  # every episode started, to release what is parked if this call raises
         self.resets: dict[int, list[_Run]] = {}  # prompt index -> its episodes whose reset returned (or raised)
         self.done: dict[tuple[int, int], Episode] = {}
 
@@ -101,6 +110,8 @@ class _Loop:
                 self.llm.abort(rid)
             for future in self.in_env:
                 future.cancel()
+            for run in self.runs:
+                self._release(run)
             raise
         n = self.params.n
         return [self.done[(p, s)] for p in range(len(self.rows)) for s in range(n)]
@@ -115,6 +126,7 @@ class _Loop:
             for s in range(n):
                 env = self.env_factory()
                 run = _Run(Episode(p, s, 0), env)
+                self.runs.append(run)
                 self.in_env[self.pool.submit(call, env.reset, prompt, **row)] = ("reset", run)
 
     def _reset_done(self, run: _Run, observation) -> None:
@@ -168,11 +180,24 @@ class _Loop:
         return replace(self.params, n=n, max_tokens=min(self.params.max_tokens, room), seed=seed, logprobs=logprobs)
 
     def _add(self, token_ids: list[int], params: SamplingParams, runs: list[_Run]) -> None:
-        self.in_engine[self.llm.add_request(list(token_ids), params)] = runs
+        self.in_engine[self.llm.add_request(list(token_ids), params, park=self.keep_kv)] = runs
+
+    def _resume(self, run: _Run, env_ids: list[int], params: SamplingParams) -> None:
+        if run.parked is None:
+            return self._add(run.episode.token_ids, params, [run])
+        (rid, index), run.parked = run.parked, None
+        self.in_engine[self.llm.resume(rid, env_ids, params, index=index, park=True)] = [run]
+
+    def _release(self, run: _Run) -> None:
+        if run.parked is not None:
+            self.llm.release(*run.parked)
+            run.parked = None
 
     def _turn_done(self, runs: list[_Run], output) -> None:
         for run, c in zip(runs, output.outputs):
             episode = run.episode
+            if self.keep_kv:
+                run.parked = (output.request_id, c.index)
             episode.append(c.token_ids, True, c.logprobs, c.weight_versions)
             episode.num_turns += 1
             if episode.messages is not None:
@@ -207,9 +232,10 @@ class _Loop:
         episode.append(ids, sampled=False)
         params = self._turn_params(episode, 1, _seed(self.params, episode.prompt_index, episode.sample_index,
                                                      episode.num_turns))
-        self._add(episode.token_ids, params, [run])
+        self._resume(run, ids, params)
 
     def _finish(self, run: _Run, reason: str, error: str | None = None) -> None:
+        self._release(run)
         run.episode.finish_reason, run.episode.error = reason, error
         self.done[(run.episode.prompt_index, run.episode.sample_index)] = run.episode
         self.num_active -= 1

@@ -86,29 +86,75 @@ def test_seeded_episodes_repeat(llm):
     assert a[0].token_ids != a[1].token_ids
 
 
-def test_turns_after_the_first_prefill_what_the_environment_added(llm):
-    """Prefix cache only: the earlier turns' full KV blocks are found again; what is prefilled is the
-    environment's tokens, the previous turn's last token (never run through the model) and the tokens of the
-    last, partial block."""
+def _turn_prefills(llm, keep_kv: bool):
+    """One episode alone in the engine: (the episode, prefill tokens of each turn, environment tokens before
+    each turn after the first)."""
     probe = PrefillProbe(llm)
-    params = SamplingParams(max_tokens=8, seed=1)
-    bs = llm.config.block_size
     llm.reset_prefix_cache()  # the first turn prefills its whole prompt
     before = llm.metrics()["prefill_tokens"]
-    [e] = run_episodes(llm, [PROMPT + " (probe)"], lambda: GuessTheNumber(probe=probe), params, max_turns=4,
-                       concurrency=1)
+    [e] = run_episodes(llm, [PROMPT + " (probe)"], lambda: GuessTheNumber(probe=probe),
+                       SamplingParams(max_tokens=8, seed=1), max_turns=4, concurrency=1, keep_kv=keep_kv)
     assert e.num_turns == 4
-    turn_starts = [i for i in range(1, len(e.mask)) if e.mask[i] and not e.mask[i - 1]]
     counts = [before] + probe
     prefill = [b - a for a, b in zip(counts, counts[1:])]
+    starts = [i for i in range(1, len(e.mask)) if e.mask[i] and not e.mask[i - 1]]  # of each model turn
+    env_starts = [i for i in range(1, len(e.mask)) if not e.mask[i] and e.mask[i - 1]]
+    return e, prefill, starts, [s - b for s, b in zip(starts[1:], env_starts)]
+
+
+def test_turns_after_the_first_prefill_only_the_environment_tokens(llm):
+    """The sample is parked while its environment runs: the next turn computes the environment's tokens and
+    the previous turn's last token (sampled, never run through the model), nothing more."""
+    e, prefill, _, env_tokens = _turn_prefills(llm, keep_kv=True)
+    print("kept KV: prefill per turn", prefill, "environment tokens", env_tokens)
     assert prefill[0] == e.num_prompt_tokens
+    assert prefill[1:] == [n + 1 for n in env_tokens]
+    assert llm.metrics()["num_parked"] == 0  # released when the episode ended
+
+
+def test_without_parking_the_prefix_cache_recomputes_the_last_partial_block(llm):
+    e, prefill, starts, env_tokens = _turn_prefills(llm, keep_kv=False)
+    print("re-submitted: prefill per turn", prefill, "environment tokens", env_tokens)
+    bs = llm.config.block_size
     for k in range(1, 4):
-        env_start = turn_starts[k - 1] + next(i for i, m in enumerate(e.mask[turn_starts[k - 1]:]) if not m)
-        env_tokens = turn_starts[k] - env_start
-        cached = (env_start - 1) // bs * bs
-        print(f"turn {k + 1}: prefilled {prefill[k]}, environment tokens {env_tokens}")
-        assert prefill[k] == turn_starts[k] - cached
-        assert env_tokens + 1 <= prefill[k] <= env_tokens + bs
+        computed = starts[k] - env_tokens[k - 1] - 1  # the KV the previous turn left: all but its last token
+        assert prefill[k] == starts[k] - computed // bs * bs
+        assert env_tokens[k - 1] + 1 <= prefill[k] <= env_tokens[k - 1] + bs
+
+
+def test_a_tiny_kv_cache_evicts_parked_episodes_and_gives_the_same_results(tiny_model_dir, llm):
+    from rollserve.engine.model_runner import ModelRunner
+
+    rows = [{"prompt": PROMPT + "!" * i, "target": 40 + i} for i in range(4)]
+    params = SamplingParams(n=2, max_tokens=8, seed=7)
+    reference = run_episodes(llm, rows, GuessTheNumber, params, max_turns=4, max_total_tokens=200)
+    per_block = ModelRunner.bytes_per_block(llm.model.config, llm.config.block_size, torch.float32)
+    small = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=16 * per_block)
+    episodes = run_episodes(small, rows, GuessTheNumber, params, max_turns=4, max_total_tokens=200)
+    metrics = small.metrics()
+    print("tiny cache:", {k: metrics[k] for k in ("num_parked_evictions", "num_preemptions")})
+    assert metrics["num_parked_evictions"] > 0 and metrics["num_parked"] == 0
+    assert [e.token_ids for e in episodes] == [e.token_ids for e in reference]
+    assert [e.mask for e in episodes] == [e.mask for e in reference]
+    for a, b in zip(episodes, reference):
+        torch.testing.assert_close([x for x in a.logprobs if x is not None], [x for x in b.logprobs if x is not None],
+                                   atol=1e-4, rtol=0)
+
+
+def test_a_weight_update_drops_parked_kv(llm):
+    class UpdateOnStep(GuessTheNumber):
+        def step(self, text, ids):
+            if llm.weight_version == before:  # after the first turn, its sample parked
+                assert llm.metrics()["num_parked"] == 1
+                llm.update_weights({"model.norm.weight": llm.model.model.norm.weight.detach().clone()})
+            return super().step(text, ids)
+
+    before, evictions = llm.weight_version, llm.metrics()["num_parked_evictions"]
+    [e] = run_episodes(llm, [PROMPT], UpdateOnStep, SamplingParams(max_tokens=4, seed=0), max_turns=2)
+    assert e.num_turns == 2 and llm.weight_version == before + 1
+    versions = [v for v in e.weight_versions if v is not None]
+    assert versions[0] == before and versions[-1] == before + 1
+    assert llm.metrics()["num_parked_evictions"] == evictions + 1
 
 
 def test_environment_steps_run_off_the_engine_thread(llm):
