@@ -4,5 +4,7 @@ from .environment import Environment
 from .episode import Episode
 from .render import TemplatePrefixError
 from .runner import run_episodes
+from .tools import ToolCall, ToolEnvironment, parse_tool_calls
 
-__all__ = ["Environment", "Episode", "TemplatePrefixError", "run_episodes"]
+__all__ = ["Environment", "Episode", "TemplatePrefixError", "ToolCall", "ToolEnvironment", "parse_tool_calls",
+           "run_episodes"]

@@ -14,27 +14,26 @@ class TemplatePrefixError(ValueError):
 
 
 class ChatSuffix:
-    """Renders conversations for one engine (`llm.inputs`) and one tokenizer, keyword arguments fixed
-    (`tools=...` for a tool environment)."""
+    """Renders conversations for one engine (`llm.inputs`) and one tokenizer; `kwargs` go to the chat
+    template (`tools=[...]` for a tool environment)."""
 
-    def __init__(self, inputs, tokenizer, chat_template_kwargs: dict | None = None):
+    def __init__(self, inputs, tokenizer):
         self.inputs = inputs
         self.tokenizer = tokenizer
-        self.kwargs = chat_template_kwargs
 
-    def first(self, messages: list[dict], where: str) -> tuple[list[int], str]:
+    def first(self, messages: list[dict], where: str, kwargs: dict) -> tuple[list[int], str]:
         """The token ids and text of the first prompt."""
-        prompt = self.inputs.encode(messages, where, self.kwargs)
+        prompt = self.inputs.encode(messages, where, kwargs)
         return prompt.token_ids, prompt.text
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of sampled tokens as the template sees it (special tokens kept, no clean-up)."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def extend(self, history: str, messages: list[dict], where: str) -> tuple[list[int], str]:
+    def extend(self, history: str, messages: list[dict], where: str, kwargs: dict) -> tuple[list[int], str]:
         """The token ids of what the conversation `messages` adds after `history` (the text of the tokens so
         far), and the new history text."""
-        full = self.inputs.render_chat(messages, where, self.kwargs)
+        full = self.inputs.render_chat(messages, where, kwargs)
         if not full.startswith(history):
             i = next((k for k, (a, b) in enumerate(zip(history, full)) if a != b), min(len(history), len(full)))
             name = getattr(self.tokenizer, "name_or_path", None) or type(self.tokenizer).__name__

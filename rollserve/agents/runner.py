@@ -30,6 +30,7 @@ class _Run:
     env: object
     history: str | None = None  # the text of the token ids so far (chat episodes)
     parked: tuple[str, int] | None = None  # (request id, sample index) of its last turn, parked in the engine
+    template_kwargs: dict | None = None  # for the chat template: the call's, and the environment's `tools`
 
 
 def _row(item, i: int) -> tuple[object, dict]:
@@ -58,7 +59,8 @@ def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | No
 
     `prompts`: prompts (a string is one user message; a conversation; token ids) or rows
     `{"prompt": ..., **fields}` whose fields go to `env.reset(prompt, **fields)`. `env_factory()`
-    makes one `Environment` per episode. `sampling_params.max_tokens` bounds each model turn,
+    makes one `Environment` per episode (one with a `tools` attribute, a list of JSON schemas, has them
+    rendered by the chat template as `tools=`). `sampling_params.max_tokens` bounds each model turn,
     `max_total_tokens` (default: the model's context) the whole episode; `max_turns` counts model
     turns. At most `concurrency` episodes are in flight. An environment that raises ends its
     episode with `finish_reason="error"`; the others go on. Requests of this call are aborted if it
@@ -87,7 +89,8 @@ class _Loop:
         self.llm, self.rows, self.env_factory, self.params = llm, rows, env_factory, params
         self.keep_kv = keep_kv
         self.max_turns, self.limit, self.concurrency, self.pool = max_turns, limit, concurrency, pool
-        self.chat = ChatSuffix(llm.inputs, llm.get_tokenizer(), chat_template_kwargs)
+        self.chat = ChatSuffix(llm.inputs, llm.get_tokenizer())
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.todo = deque(range(len(rows)))
         self.in_engine: dict[str, list[_Run]] = {}  # request id -> the runs of its samples, by index
         self.in_env: dict = {}  # future -> (what it is: "reset" | "step", its run(s))
@@ -125,7 +128,9 @@ class _Loop:
             prompt, row = self.rows[p]
             for s in range(n):
                 env = self.env_factory()
-                run = _Run(Episode(p, s, 0), env)
+                tools = getattr(env, "tools", None)
+                run = _Run(Episode(p, s, 0), env, template_kwargs={**self.chat_template_kwargs,
+                                                                   **({"tools": tools} if tools else {})})
                 self.runs.append(run)
                 self.in_env[self.pool.submit(call, env.reset, prompt, **row)] = ("reset", run)
 
@@ -145,7 +150,7 @@ class _Loop:
             if observation is not None:
                 messages += as_messages(observation, f"{where}: reset()'s observation")
             episode.messages = messages
-            ids, run.history = self.chat.first(messages, where)
+            ids, run.history = self.chat.first(messages, where, run.template_kwargs)
         episode.num_prompt_tokens = len(ids)
         episode.append(ids, sampled=False)
 
@@ -226,7 +231,7 @@ class _Loop:
             ids = list(observation)
         else:
             episode.messages.extend(as_messages(observation, f"{where}: the observation"))
-            ids, run.history = self.chat.extend(run.history, episode.messages, where)
+            ids, run.history = self.chat.extend(run.history, episode.messages, where, run.template_kwargs)
         if len(episode.token_ids) + len(ids) >= self.limit:
             return self._finish(run, "length")
         episode.append(ids, sampled=False)
