@@ -120,8 +120,10 @@ class LLMEngine:
         if getattr(params, "n", None) != 1:
             raise ValueError(f"a resumed request continues one sample: params.n must be 1, got "
                              f"{getattr(params, 'n', None)!r}")
+        claim = ("resumed by", request_id)  # the sample stays parked (evictable) under a key only this request has
         self.add_request(request_id, seq.token_ids + list(extra_token_ids), params, stream=stream, park=park,
-                         resumes=parked)
+                         resumes=claim)
+        self.scheduler.parked[claim] = self.scheduler.parked.pop(parked)
 
     def release(self, parked: tuple[str, int]) -> None:
         """Forgets a parked sample and frees its KV (a no-op when there is none)."""

@@ -185,6 +185,9 @@ class Scheduler:
         which replaces a parked sequence of the same key) keeps them for the request that resumes it."""
         was_waiting = seq.status is SequenceStatus.WAITING
         seq.status = SequenceStatus.FINISHED
+        if seq.resumes is not None:  # aborted before it was admitted: the KV it would have taken goes too
+            self.release(seq.resumes)
+            seq.resumes = None
         if park is None:
             self.block_manager.free_blocks(seq)
         else:

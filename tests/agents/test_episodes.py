@@ -228,3 +228,25 @@ def test_a_template_without_the_prefix_property_is_refused(llm):
     finally:
         tokenizer.chat_template = saved
     assert not llm.has_unfinished()
+
+
+def test_resume_and_park_errors_name_what_was_wrong(llm):
+    with pytest.raises(ValueError, match="no parked sample 0 of request 'nope'"):
+        llm.resume("nope", [1, 2])
+    with pytest.raises(ValueError, match="park=1 is invalid"):
+        llm.add_request([1, 2, 3], SamplingParams(max_tokens=2), park=1)
+    rid = llm.add_request([1, 2, 3], SamplingParams(max_tokens=2, n=2), park=True)
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.metrics()["num_parked"] == 2
+    with pytest.raises(ValueError, match="params.n must be 1"):
+        llm.resume(rid, [4], SamplingParams(n=2))
+    with pytest.raises(TypeError, match="extra_token_ids"):
+        llm.resume(rid, "more")
+    again = llm.resume(rid, [4, 5], SamplingParams(max_tokens=2), index=1)
+    with pytest.raises(ValueError, match="no parked sample 1"):  # a sample is resumed once
+        llm.resume(rid, [4, 5], index=1)
+    while llm.has_unfinished():
+        llm.step()
+    llm.release(rid, 0)
+    assert llm.metrics()["num_parked"] == 0 and again != rid

@@ -81,6 +81,17 @@ def test_release_frees_the_parked_blocks():
     check_invariants(sched)
 
 
+def test_finishing_a_waiting_resumed_sequence_frees_the_kv_it_would_have_taken():
+    sched = make_scheduler(num_blocks=8)
+    park_on_finish(sched)
+    eng = Engine(sched)
+    eng.add(make_seq(range(6), request_id="a"), max_completion=3)
+    run_until_finished(eng)
+    seq = resume(sched, ("a", 0), [1], "a2")
+    Scheduler.finish(sched, seq)  # an abort before admission
+    assert not sched.parked and sched.block_manager.num_free_blocks == 8
+
+
 def test_abort_all_frees_parked_blocks():
     sched = make_scheduler(num_blocks=8)
     park_on_finish(sched)
