@@ -200,9 +200,9 @@ class LLM:
         `BeamSearchParams`. `request_id`: any unused string (default: a fresh one). `stream=True`:
         every `step()` that gives the request tokens reports them (`StepOutput.deltas`); otherwise
         it reports only once, when it finishes. `park=True`: each finished sample keeps its KV in the cache
-        for `resume` (a multi-turn episode whose environment is running), until resumed, released or
-        evicted (parked KV is the first to go when blocks run out, and on a weight update). A bad prompt or
-        parameter raises and queues nothing.
+        for `resume` (a multi-turn episode whose environment is running); parked KV is the first to go when
+        blocks run out, and goes on a weight update. The sample (its token ids) stays parked until `resume`
+        or `release`. A bad prompt or parameter raises and queues nothing.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
