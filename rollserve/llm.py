@@ -254,14 +254,17 @@ class LLM:
 
     def add_request(self, prompt, params: SamplingParams | BeamSearchParams | None = None,
                     request_id: str | None = None, *, stream: bool = False,
-                    chat_template_kwargs: dict | None = None) -> str:
+                    chat_template_kwargs: dict | None = None, park: bool = False) -> str:
         """Queues one request for `step()`; returns its id.
 
         `prompt`: a string, token ids, a conversation (a list of message dicts, rendered by the chat
         template) or a `rollserve.inputs.Prompt`. `params`: `SamplingParams` (default) or
         `BeamSearchParams`. `request_id`: any unused string (default: a fresh one). `stream=True`:
         every `step()` that gives the request tokens reports them (`StepOutput.deltas`); otherwise
-        it reports only once, when it finishes. A bad prompt or parameter raises and queues nothing.
+        it reports only once, when it finishes. `park=True`: each finished sample keeps its KV in the cache
+        for `resume` (a multi-turn episode whose environment is running); parked KV is the first to go when
+        blocks run out, and goes on a weight update. The sample (its token ids) stays parked until `resume`
+        or `release`. A bad prompt or parameter raises and queues nothing.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
@@ -272,15 +275,43 @@ class LLM:
             raise TypeError(f"stream must be True or False, got {stream!r}")
         if stream and isinstance(params, BeamSearchParams):
             raise ValueError("stream=True is not supported for beam search")
+        if park is not False and (park is not True or isinstance(params, BeamSearchParams)):
+            raise ValueError(f"park={park!r} is invalid: must be True or False (False for beam search)")
         self._check_awake()
         encoded = self.inputs.process(prompt, params, "prompt", chat_template_kwargs)
         with self._engine_turn():
-            return self._add(encoded, params, request_id, stream)
+            return self._add(encoded, params, request_id, stream, park)
 
-    def _add(self, prompt: Prompt, params, request_id: str | None, stream: bool) -> str:
+    def _add(self, prompt: Prompt, params, request_id: str | None, stream: bool, park: bool = False) -> str:
         rid = str(next(self._request_ids)) if request_id is None else request_id
-        self.engine.add_request(rid, prompt.token_ids, params, prompt=prompt.text, stream=stream)
+        self.engine.add_request(rid, prompt.token_ids, params, prompt=prompt.text, stream=stream, park=park)
         return rid
+
+    def resume(self, request_id: str, extra_token_ids: list[int], params: SamplingParams | None = None, *,
+               index: int = 0, new_request_id: str | None = None, stream: bool = False, park: bool = False) -> str:
+        """Queues a request continuing sample `index` of the finished `park=True` request `request_id`: its
+        prompt is that sample's prompt and completion plus `extra_token_ids` (an environment's reply).
+
+        While the sample's KV is parked, the new request computes only `extra_token_ids` and the sample's last
+        token (whose KV was never computed); if it was evicted, it recomputes (finding what the prefix cache
+        still holds). `params.n` must be 1. Returns the new request's id; a sample is resumed once.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(extra_token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in extra_token_ids):
+            raise TypeError(f"extra_token_ids must be a list of int token ids, got {extra_token_ids!r:.80}")
+        self._check_awake()
+        with self._engine_turn():
+            rid = str(next(self._request_ids)) if new_request_id is None else new_request_id
+            self.engine.resume(rid, (request_id, index), list(extra_token_ids), params, stream, park)
+            return rid
+
+    def release(self, request_id: str, index: int = 0) -> None:
+        """Frees the parked KV of sample `index` of a finished `park=True` request (a no-op when none is parked)."""
+        with self._engine_turn():
+            self.engine.release((request_id, index))
 
     def step(self) -> list[StepOutput]:
         """Runs one engine step (under the step lock, so weight updates fall between steps).
@@ -313,6 +344,8 @@ class LLM:
         return {"generation_tokens": stats.num_generated_tokens, "prefill_tokens": stats.num_prefill_tokens,
                 "num_steps": stats.num_steps, "num_running": len(sched.running), "num_waiting": len(sched.waiting),
                 "num_preemptions": sched.stats.num_preemptions,
+                "num_parked": sum(bool(s.block_table) for s in sched.parked.values()),
+                "num_parked_evictions": sched.stats.num_parked_evictions,
                 "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
                 "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
                 "weight_version": engine.weight_version}

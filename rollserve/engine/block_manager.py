@@ -85,9 +85,19 @@ class BlockManager:
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block.hash = self._chain_hash(prev, tokens)
             block.token_ids = tokens
-            block.prev_block = seq.block_table[i - 1] if i else None
+            block.prev_block = self._findable(seq.block_table[i - 1]) if i else None
             self.cached.setdefault(block.hash, block)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+
+    def _findable(self, block_id: int) -> int:
+        """The block a lookup reaches for `block_id`'s prefix: itself, or the cached block of the same content
+        (same hash, tokens and predecessor) when `block_id` duplicates it (two sequences that computed the
+        same prefix in the same step). A block chains to that one, so what follows a duplicate is findable."""
+        block = self.blocks[block_id]
+        found = self.cached.get(block.hash)
+        if found is not None and found.token_ids == block.token_ids and found.prev_block == block.prev_block:
+            return found.block_id
+        return block_id
 
     def reset_prefix_cache(self) -> None:
         """Nothing computed so far is findable again, including blocks that running sequences still hold."""

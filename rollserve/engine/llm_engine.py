@@ -80,10 +80,12 @@ class LLMEngine:
         return None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None,
-                    stream: bool = False) -> None:
+                    stream: bool = False, park: bool = False, resumes=None) -> None:
         """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running).
 
-        `stream`: `step()` reports the request's new tokens every step (not for beam search)."""
+        `stream`: `step()` reports the request's new tokens every step (not for beam search). `park`: each
+        finished sample keeps its KV blocks under `(request_id, index)` (see scheduler.py). `resumes`: the key
+        of a parked sample whose tokens begin `prompt_token_ids` (its KV is taken over if still there)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         problem = self.check_request(prompt_token_ids, params)
@@ -96,14 +98,36 @@ class LLMEngine:
             self.requests[request_id] = request
             self.scheduler.add(request.first_beam())
             return
-        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version, stream)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version, stream, park)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
+        seq.resumes = resumes
         seq.tracks_text = seq.tracks_text or stream
         if params.seed is not None:
             seq.generator = _seeded_generator(params.seed, 0)
         request.seqs.append(seq)
         self.requests[request_id] = request
         self.scheduler.add(seq)
+
+    def resume(self, request_id: str, parked: tuple[str, int], extra_token_ids: list[int], params,
+               stream: bool = False, park: bool = False) -> None:
+        """Queues request `request_id` continuing the parked sample `parked` = (request id, index) with
+        `extra_token_ids` appended; it computes only those (and the sample's last token) while the sample's KV
+        is still parked, else it recomputes. Raises `ValueError` for an unknown sample or `params.n != 1`."""
+        seq = self.scheduler.parked.get(parked)
+        if seq is None:
+            raise ValueError(f"no parked sample {parked[1]} of request {parked[0]!r} (add it with park=True; "
+                             f"a sample can be resumed once)")
+        if getattr(params, "n", None) != 1:
+            raise ValueError(f"a resumed request continues one sample: params.n must be 1, got "
+                             f"{getattr(params, 'n', None)!r}")
+        claim = ("resumed by", request_id)  # the sample stays parked (evictable) under a key only this request has
+        self.add_request(request_id, seq.token_ids + list(extra_token_ids), params, stream=stream, park=park,
+                         resumes=claim)
+        self.scheduler.parked[claim] = self.scheduler.parked.pop(parked)
+
+    def release(self, parked: tuple[str, int]) -> None:
+        """Forgets a parked sample and frees its KV (a no-op when there is none)."""
+        self.scheduler.release(parked)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -210,7 +234,7 @@ class LLMEngine:
                 streamed[seq.request_id] = request
             if not self._check_stop(seq, token, new_text):
                 continue
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, (seq.request_id, seq.index) if request.park else None)
             request.num_finished += 1
             if request.num_finished == request.params.n:
                 del self.requests[seq.request_id]
@@ -292,7 +316,10 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     def weights_updated(self, version: int) -> None:
-        """New weights are in place: KV computed with the old ones must never be found again."""
+        """New weights are in place: KV computed with the old ones must never be found again (parked KV
+        included: a resumed sample recomputes)."""
+        while self.scheduler.evict_parked():
+            pass
         self.block_manager.reset_prefix_cache()
         self.weight_version = version
 
@@ -304,6 +331,8 @@ class LLMEngine:
         """Frees the KV cache; cached prefixes are forgotten with it. Nothing may be in flight."""
         if self.requests:
             raise RuntimeError(f"sleep() with {len(self.requests)} requests in flight; wait for them or abort them")
+        while self.scheduler.evict_parked():
+            pass
         self.block_manager.reset_prefix_cache()
         self.runner.release_kv_cache()
 

@@ -39,9 +39,10 @@ class Request(BaseRequest):
     """A sampling request: one sequence until its prompt is computed, then `params.n` of them."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int,
-                 stream: bool = False):
+                 stream: bool = False, park: bool = False):
         super().__init__(request_id, prompt, prompt_token_ids, params, weight_version)
         self.stream = stream  # report every step's new tokens, not only the final output
+        self.park = park  # finished samples keep their KV blocks for a resumed request (scheduler.py)
         self.seqs: list[Sequence] = []
         self.num_finished = 0
         self.prompt_logprobs: list[tuple] = []  # (targets, logprobs, top ids, top logprobs) per computed chunk

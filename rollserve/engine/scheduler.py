@@ -4,9 +4,16 @@ Plain Python, no torch. Each step, running sequences are served first (a
 decode token each, or the next chunk of their prefill); when blocks run out,
 the most recently admitted sequence is preempted (its blocks freed, to be
 recomputed later). Waiting sequences are admitted with what budget remains.
+
+Parking: a finished sample of a multi-turn episode can keep its KV blocks (`finish(seq, park=key)`)
+while its environment runs; a later request that `resumes` the key takes them over when it is
+admitted, so it computes only its new tokens. Parked KV is idle, so it is the first to go when
+blocks run out (oldest first, before any running sequence is preempted): the resumed request then
+recomputes, finding what the prefix cache still holds. A parked entry keeps its sequence (token
+ids) until it is resumed or released, with or without its blocks.
 """
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -34,6 +41,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which were found
+    num_parked_evictions: int = 0  # parked sequences whose KV was freed for others
 
 
 class Scheduler:
@@ -43,6 +51,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: OrderedDict[object, Sequence] = OrderedDict()  # key -> a finished sequence, oldest first
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
@@ -77,7 +86,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new == 0:  # out of budget, or idle (a beam waiting for its siblings' candidates)
                 continue
-            while not self.block_manager.can_append(seq, num_new):
+            while not self._make_room(seq, num_new):
                 preempted = True
                 if queue:
                     self._preempt(queue.pop())
@@ -99,9 +108,9 @@ class Scheduler:
             seq = self.waiting[0]
             if num_seqs and num_seqs + seq.num_samples > self.max_num_seqs:
                 break
-            cached = 0 if seq.skip_prefix_cache else self.block_manager.attach_cached_prefix(seq)
+            cached = self._attach_computed(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_append(seq, num_new):
+            if not self._make_room(seq, num_new):
                 self.block_manager.free_blocks(seq)
                 seq.num_computed_tokens = 0
                 break
@@ -113,6 +122,39 @@ class Scheduler:
             num_seqs += seq.num_samples
             out.add(seq, num_new, self.block_manager.append_slots(seq, num_new))
             budget -= num_new
+
+    def _attach_computed(self, seq: Sequence) -> int:
+        """Gives an admitted sequence the KV it can reuse: the parked blocks of the sequence it resumes (when
+        still parked with them), else cached prefix blocks. Returns the number of tokens covered."""
+        parked = self.parked.pop(seq.resumes, None) if seq.resumes is not None else None
+        seq.resumes = None
+        if parked is not None and parked.block_table:
+            seq.block_table, parked.block_table = parked.block_table, []
+            seq.num_computed_tokens, seq.num_hashed_blocks = parked.num_computed_tokens, parked.num_hashed_blocks
+            return seq.num_computed_tokens
+        return 0 if seq.skip_prefix_cache else self.block_manager.attach_cached_prefix(seq)
+
+    def _make_room(self, seq: Sequence, num_new: int) -> bool:
+        """Whether `seq` can get blocks for `num_new` more tokens, after evicting parked KV if need be."""
+        while not self.block_manager.can_append(seq, num_new):
+            if not self.evict_parked():
+                return False
+        return True
+
+    def evict_parked(self) -> bool:
+        """Frees the blocks of the oldest parked sequence that has any; False when none has."""
+        victim = next((s for s in self.parked.values() if s.block_table), None)
+        if victim is None:
+            return False
+        self.block_manager.free_blocks(victim)
+        self.stats.num_parked_evictions += 1
+        return True
+
+    def release(self, key) -> None:
+        """Forgets a parked sequence and frees its blocks (a no-op for an unknown key)."""
+        seq = self.parked.pop(key, None)
+        if seq is not None:
+            self.block_manager.free_blocks(seq)
 
     def _preempt(self, seq: Sequence, to_front: bool = True) -> None:
         self.block_manager.free_blocks(seq)
@@ -138,11 +180,19 @@ class Scheduler:
         i = self.running.index(parent)
         self.running[i + 1:i + 1] = children
 
-    def finish(self, seq: Sequence) -> None:
-        """Frees `seq`'s blocks and takes it out of the running or the waiting queue."""
+    def finish(self, seq: Sequence, park=None) -> None:
+        """Takes `seq` out of the running or the waiting queue and frees its blocks, or with `park` (a key,
+        which replaces a parked sequence of the same key) keeps them for the request that resumes it."""
         was_waiting = seq.status is SequenceStatus.WAITING
         seq.status = SequenceStatus.FINISHED
-        self.block_manager.free_blocks(seq)
+        if seq.resumes is not None:  # aborted before it was admitted: the KV it would have taken goes too
+            self.release(seq.resumes)
+            seq.resumes = None
+        if park is None:
+            self.block_manager.free_blocks(seq)
+        else:
+            self.release(park)
+            self.parked[park] = seq
         if was_waiting:
             self.waiting.remove(seq)
         else:
@@ -152,5 +202,7 @@ class Scheduler:
         seqs = list(self.running) + list(self.waiting)
         for seq in self.running:
             self.block_manager.free_blocks(seq)
+        for key in list(self.parked):
+            self.release(key)
         self.running, self.waiting = [], deque()
         return seqs

@@ -77,6 +77,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.generator = None  # torch.Generator when the request is seeded
         self.beam = beam  # the search state when this is a beam of a beam-search request
+        self.resumes = None  # the key of the parked sequence whose KV this one continues (scheduler.py)
 
     @property
     def num_tokens(self) -> int:

@@ -368,12 +368,25 @@ class RolloutFunc:
     trainer's `global_step` changed. Prompts are strings or conversations (the chat
     template is applied), repeated `num_generations` times; returns one completion per
     row with `prompt_ids`, `completion_ids` and the sampled tokens' `logprobs`.
+
+    With `env_factory`, each row is a multi-turn episode (`rollserve.agents.run_episodes`,
+    at most `max_turns` model turns of `max_completion_length` tokens each, `max_total_tokens`
+    in all): `completion_ids` holds every turn after the prompt, model and environment tokens,
+    `env_mask` marks the model's (TRL's loss then skips the environment's; their `logprobs`
+    are 0), and the extra fields `env_reward` (the episode's total reward, a keyword of the
+    reward functions) and `num_turns` go to the reward functions.
     """
 
-    def __init__(self, config: RollserveConfig | None = None):
+    def __init__(self, config: RollserveConfig | None = None, env_factory=None, max_turns: int = 4,
+                 max_total_tokens: int | None = None):
         if config is not None and not isinstance(config, RollserveConfig):
             raise TypeError(f"config must be a RollserveConfig, got {type(config).__name__}")
+        if env_factory is not None and not callable(env_factory):
+            raise TypeError(f"env_factory must be a callable returning an environment, got {env_factory!r:.80}")
         self.config = config
+        self.env_factory = env_factory
+        self.max_turns = max_turns
+        self.max_total_tokens = max_total_tokens
         self.backend: RollserveGeneration | None = None
         self._synced_step = None
 
@@ -384,6 +397,8 @@ class RolloutFunc:
         if trainer.state.global_step != self._synced_step:
             self.backend.sync_weights()
             self._synced_step = trainer.state.global_step
+        if self.env_factory is not None:
+            return self._episodes(prompts)
         inputs = self.backend.llm.inputs
         prompt_ids = [inputs.encode(p, f"prompts[{i}]").token_ids for i, p in enumerate(prompts)]
         training = trainer.model.training
@@ -392,15 +407,41 @@ class RolloutFunc:
         sampled = [[lp[0] for lp in seq] for seq in logprobs] if logprobs is not None else None
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": sampled}
 
+    def _episodes(self, prompts: list) -> dict:
+        from ..agents import run_episodes
 
-def rollout_func(config: RollserveConfig | None = None) -> RolloutFunc:
+        llm, backend = self.backend.llm, self.backend
+        if llm.is_sleeping:
+            llm.wake_up()
+        runs = _runs(list(prompts))  # TRL repeats each prompt num_generations times in a row
+        by_run: dict[int, list] = {}
+        for count in dict.fromkeys(c for _, c in runs):  # one call per group size (normally one in all)
+            which = [i for i, (_, c) in enumerate(runs) if c == count]
+            params = SamplingParams(n=count, **{**backend._sampling, "logprobs": 0})
+            done = run_episodes(llm, [runs[i][0] for i in which], self.env_factory, params,
+                                max_turns=self.max_turns, max_total_tokens=self.max_total_tokens)
+            for k, i in enumerate(which):
+                by_run[i] = done[k * count:(k + 1) * count]
+        episodes = [e for i in range(len(runs)) for e in by_run[i]]
+        if backend.config.sleep_mode:
+            llm.sleep(backend.sleep_level)
+        return {"prompt_ids": [e.token_ids[:e.num_prompt_tokens] for e in episodes],
+                "completion_ids": [e.completion_ids for e in episodes],
+                "logprobs": [[0.0 if lp is None else lp for lp in e.logprobs[e.num_prompt_tokens:]] for e in episodes],
+                "env_mask": [e.completion_mask for e in episodes],
+                "env_reward": [e.reward for e in episodes], "num_turns": [e.num_turns for e in episodes]}
+
+
+def rollout_func(config: RollserveConfig | None = None, env_factory=None, max_turns: int = 4,
+                 max_total_tokens: int | None = None) -> RolloutFunc:
     """`trl.GRPOTrainer(..., rollout_func=rollout_func(RollserveConfig(...)))`: rollserve behind TRL's hook.
 
-    TRL then warns that `rollout_func` is experimental (`TRL_EXPERIMENTAL_SILENCE=1` hides
-    it). TRL applies no importance-sampling correction on this path (it does so only with
-    `use_vllm`); use `GRPOTrainer(..., rollserve_config=...)` for that.
+    `env_factory` (and `max_turns`, `max_total_tokens`) make each rollout a multi-turn episode
+    with TRL's `env_mask` (see `RolloutFunc`). TRL then warns that `rollout_func` is experimental
+    (`TRL_EXPERIMENTAL_SILENCE=1` hides it). TRL applies no importance-sampling correction on this
+    path (it does so only with `use_vllm`); use `GRPOTrainer(..., rollserve_config=...)` for that.
     """
-    return RolloutFunc(config)
+    return RolloutFunc(config, env_factory, max_turns, max_total_tokens)
 
 
 __all__ = ["RollserveConfig", "RollserveGeneration", "GRPOTrainer", "RLOOTrainer", "attach", "rollout_func",

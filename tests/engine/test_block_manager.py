@@ -600,6 +600,21 @@ def test_preempted_sequence_recomputes_via_cache():
     check_invariants(bm, [a])
 
 
+def test_blocks_after_a_duplicate_prefix_are_findable():
+    """Two sequences compute the same prefix in the same step, then differ: what follows the duplicate is found
+    after the cached original (a multi-turn episode re-submitted with its shared system prompt)."""
+    bm = BlockManager(12, BS)
+    a = make_seq(ids(0) + ids(10) + [1])
+    b = make_seq(ids(0) + ids(20) + ids(30) + [2], request_id="b")
+    compute(bm, a)
+    compute(bm, b)  # b's block 0 duplicates a's
+    assert bm.cached[bm.blocks[b.block_table[0]].hash] is bm.blocks[a.block_table[0]]
+    c = make_seq(b.token_ids + [3], request_id="c")
+    assert bm.attach_cached_prefix(c) == 3 * BS
+    assert c.block_table == [a.block_table[0]] + b.block_table[1:3]
+    check_invariants(bm, [a, b, c])
+
+
 def test_hash_collision_with_equal_block_tokens_at_another_position_is_not_a_false_hit(monkeypatch):
     monkeypatch.setattr(BlockManager, "_chain_hash", lambda self, prev, tokens: 12345)
     bm = BlockManager(8, BS)

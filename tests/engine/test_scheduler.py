@@ -34,7 +34,7 @@ def make_scheduler(num_blocks=64, block_size=BS, max_num_seqs=8, max_num_batched
 
 def check_invariants(sched):
     bm = sched.block_manager
-    refs = Counter(b for s in sched.running for b in s.block_table)
+    refs = Counter(b for s in list(sched.running) + list(sched.parked.values()) for b in s.block_table)
     for block in bm.blocks:
         assert block.ref_count == refs.get(block.block_id, 0), block.block_id
         assert (block.ref_count == 0) == (block.block_id in bm.free), block.block_id

@@ -265,3 +265,74 @@ def test_example_runs_end_to_end(smollm2_path, tmp_path):
     assert [int(s) for s, _, _ in steps] == [1, 2], out.stdout
     assert all(float(d) < LOGP_TOLERANCE for _, _, d in steps), out.stdout
     assert "engine weight version 2" in out.stdout
+
+
+class _Countdown:
+    """A scripted environment: two "continue" user turns whatever the model says, then a reward that varies
+    with the last turn (so GRPO's advantages are not all 0 and the weights change)."""
+
+    def reset(self, prompt, **row):
+        self.turns = 0
+        return None
+
+    def step(self, completion_text, completion_ids):
+        self.turns += 1
+        if self.turns == 3:
+            return None, float(len(completion_text)), True
+        return {"role": "user", "content": f"continue ({self.turns})"}, 0.0, False
+
+
+def env_reward(completions, env_reward, **kwargs):
+    return list(env_reward)
+
+
+def test_rollout_func_with_an_environment_masks_its_tokens(tokenizer):
+    """GRPO 2 steps on multi-turn episodes: TRL gets `env_mask` (its loss mask) with the environment's tokens
+    at 0, and the engine's logprobs of the model's tokens equal the trainer model's at that step."""
+    from trl import GRPOTrainer
+
+    func = rtrl.rollout_func(rtrl.RollserveConfig(kv_cache_memory=1 << 24), env_factory=_Countdown, max_turns=4)
+    calls, differences = [], []
+
+    def recording(prompts, trainer):
+        out = func(prompts, trainer)
+        calls.append(out)
+        model = trainer.model
+        for p, c, lps, mask in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"], out["env_mask"]):
+            ids = torch.tensor([p + c])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1].float(), dim=-1)
+            own = logp.gather(1, torch.tensor(c)[:, None]).squeeze(1)
+            sampled = torch.tensor(mask, dtype=torch.bool)
+            differences.append((own[sampled] - torch.tensor(lps)[sampled]).abs().max().item())
+        return out
+
+    trainer = GRPOTrainer(model=tiny_qwen2(tokenizer), reward_funcs=env_reward,
+                          args=train_args(GRPOConfig, 2),
+                          train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": p}]
+                                                                      for p in PROMPTS * 4]}),
+                          processing_class=tokenizer, rollout_func=recording)
+    seen_masks = []
+    original = trainer._generate_and_score_completions
+
+    def scored(inputs):
+        out = original(inputs)
+        seen_masks.append(out.get("tool_mask"))
+        return out
+
+    trainer._generate_and_score_completions = scored
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(calls) == 2 and func.backend.weight_version == 2
+    assert any(h.get("grad_norm", 0) > 0 for h in trainer.state.log_history)
+    for out, mask in zip(calls, seen_masks):
+        assert set(out["num_turns"]) == {3} and len(out["env_reward"]) == 4
+        text = tokenizer.decode(out["completion_ids"][0], skip_special_tokens=False)
+        assert "continue (1)" in text and "continue (2)" in text
+        env = [[t for t, m in zip(c, k) if not m] for c, k in zip(out["completion_ids"], out["env_mask"])]
+        assert all("continue" in tokenizer.decode(e) and "continue" not in tokenizer.decode(
+            [t for t, m in zip(c, k) if m]) for e, c, k in zip(env, out["completion_ids"], out["env_mask"]))
+        assert mask is not None  # what TRL's loss multiplies by, padded with 1 past each completion
+        for row, m in zip(mask.tolist(), out["env_mask"]):
+            assert row[:len(m)] == m
+    print(f"sampling logp difference max {max(differences):.2e}")
+    assert max(differences) < LOGP_TOLERANCE
