@@ -18,6 +18,12 @@ import os
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when triton or a kernel is first imported, and transformers or another
+# test module may import triton before a Triton test module runs: without a GPU, the kernels run under
+# the interpreter in every test process (tests/kernels/triton_setup.py says the rest).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 TINY_VOCAB = 512
 MISTRAL_SLIDING_WINDOW = 8
