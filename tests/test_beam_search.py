@@ -129,3 +129,28 @@ def test_beam_search_bad_input(tiny_model):
             BeamSearchParams(**kwargs)
     out = llm.beam_search([[1, 2, 3]], BeamSearchParams(beam_width=2, max_tokens=3), use_tqdm=False)
     assert len(out[0].sequences) == 2
+
+
+def test_abort_mid_search_frees_every_beam(tiny_model, make_prompts):
+    """Aborting a beam request returns its live beams (finish_reason "abort") and gives every block back;
+    the tokens the beams took so far are counted as generated."""
+    model = tiny_model("llama")
+    prompt = make_prompts([11], seed=10)[0]
+    llm = LLM(model, block_size=4)
+    engine, width = llm.engine, 3
+    engine.add_request("beams", prompt, BeamSearchParams(beam_width=width, max_tokens=20))
+    engine.add_request("other", prompt, BeamSearchParams(beam_width=2, max_tokens=3))
+    rounds = 5  # each step is one selection round (the first one's logits come with the prefill)
+    for _ in range(rounds):
+        assert not any(out.request_id == "beams" for out in engine.step())
+    ref = plain_beam_search(model, prompt, width, rounds)  # no EOS: its result is the live beams after `rounds`
+    out = engine.abort_request("beams")
+    _check([out], [ref])
+    assert all(s.finish_reason == "abort" for s in out.sequences)
+    assert engine.abort_request("beams") is None
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats.num_generated_tokens == rounds * width + 3 * 2  # one token per live beam per round
+    bm = engine.block_manager
+    assert all(b.ref_count == 0 for b in bm.blocks) and bm.num_free_blocks == bm.num_blocks
+    assert not engine.scheduler.has_unfinished()

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
-from ..outputs import CompletionOutput, RequestOutput
-from .beam_search import BeamRequest, BeamSearcher, new_beam_sequence
+from ..outputs import RequestOutput
+from .beam_search import BeamSearcher
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
+from .request import BaseRequest, BeamRequest, Request
 from .sampler import Sampler, SamplingBatch, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -21,69 +22,6 @@ class EngineStats:
     num_decode_tokens: int = 0  # sampled tokens run through the model (one per sequence per step)
     num_recomputed_tokens: int = 0  # completion tokens run again after a preemption
     num_generated_tokens: int = 0
-
-
-class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-        self.weight_version = weight_version
-        self.seqs: list[Sequence] = []
-        self.num_finished = 0
-        self.prompt_logprobs: list[tuple] = []  # (targets, logprobs, top ids, top logprobs) per computed chunk
-
-    def output(self, detokenize) -> RequestOutput:
-        p = self.params
-        outs = [_completion(seq, p, detokenize) for seq in sorted(self.seqs, key=lambda s: s.index)]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.weight_version,
-                             self._prompt_logprobs() if p.prompt_logprobs is not None else None)
-
-    def _prompt_logprobs(self) -> list:
-        out: list = [None]
-        k = self.params.prompt_logprobs
-        for targets, sel, ids, vals in self.prompt_logprobs:
-            targets, sel = targets.tolist(), sel.tolist()
-            ids, vals = (ids[:, :k].tolist(), vals[:, :k].tolist()) if k else ([[]] * len(sel), [[]] * len(sel))
-            for t, lp, i, v in zip(targets, sel, ids, vals):
-                entry = dict(zip(i, v))
-                entry[t] = lp
-                out.append(entry)
-        return out
-
-
-def _completion(seq: Sequence, p, detokenize) -> CompletionOutput:
-    token_ids = seq.completion_token_ids
-    text = detokenize(token_ids, p.skip_special_tokens)
-    if seq.stop_text_end is not None:  # cut at the stop string, found again in the full decode
-        stop = seq.stop_reason
-        # Where it was found in seq.text, counted from the end (both texts end with the newest tokens): an
-        # earlier occurrence, e.g. one inside the first min_tokens tokens, did not stop the sequence.
-        found = seq.stop_text_end - (len(stop) if p.include_stop_str_in_output else 0)
-        i = text.find(stop, max(0, len(text) - (len(seq.text) - found)))
-        text = text[:i + (len(stop) if p.include_stop_str_in_output else 0)] if i >= 0 else seq.text[:seq.stop_text_end]
-    logprobs = cumulative = top = ranks = None
-    if p.logprobs is not None:
-        lps = torch.stack(seq.logprobs) if seq.logprobs else torch.zeros(0)
-        logprobs = lps.tolist()
-        cumulative = float(lps.double().sum())
-        if p.logprobs > 0:
-            k = p.logprobs
-            # Each step's top ids are as wide as that step's batch needed (its largest `logprobs`): cut first.
-            ids = torch.stack([t[:k] for t in seq.top_ids]).tolist()
-            vals = torch.stack([t[:k] for t in seq.top_logprobs]).tolist()
-            top = []
-            for t, lp, i, v in zip(token_ids, logprobs, ids, vals):
-                entry = dict(zip(i, v))
-                entry[t] = lp
-                top.append(entry)
-            ranks = torch.stack(seq.ranks).tolist()
-    return CompletionOutput(
-        index=seq.index, text=text, token_ids=token_ids, logprobs=logprobs, cumulative_logprob=cumulative,
-        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, top_logprobs=top, token_ranks=ranks,
-        weight_versions=list(seq.weight_versions),
-    )
 
 
 def _seeded_generator(seed: int, index: int) -> torch.Generator:
@@ -109,10 +47,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.sampler = Sampler(config.seed)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, BaseRequest] = {}
         self.stats = EngineStats()
         self.weight_version = 0
-        self.beam_searcher = BeamSearcher(self)
+        self.beam_searcher = BeamSearcher(self, self.scheduler)
 
     @property
     def max_tokens_per_seq(self) -> int:
@@ -151,7 +89,7 @@ class LLMEngine:
         if getattr(params, "beam_width", None) is not None:  # BeamSearchParams
             request = BeamRequest(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
             self.requests[request_id] = request
-            self.scheduler.add(new_beam_sequence(request))
+            self.scheduler.add(request.first_beam())
             return
         request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
@@ -163,6 +101,17 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def request(self, request_id: str) -> BaseRequest:
+        """The request in flight with this id."""
+        return self.requests[request_id]
+
+    def remove_request(self, request_id: str) -> None:
+        """Forgets a request whose sequences are all finished (their blocks already freed)."""
+        del self.requests[request_id]
+
+    def count_generated_tokens(self, num_tokens: int) -> None:
+        self.stats.num_generated_tokens += num_tokens
 
     def step(self) -> list[RequestOutput]:
         """Runs one forward pass over everything scheduled; returns the requests that finished."""
@@ -319,10 +268,9 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        for seq in request.live if isinstance(request, BeamRequest) else request.seqs:
-            if not seq.is_finished:
-                seq.finish_reason = seq.finish_reason or "abort"
-                self.scheduler.finish(seq)
+        for seq in request.unfinished_seqs():
+            seq.finish_reason = seq.finish_reason or "abort"
+            self.scheduler.finish(seq)
         return request.output(self.detokenize)
 
     def reset_prefix_cache(self) -> None:

@@ -4,8 +4,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .cpu_gemm import Fp32Gemm, needs_fp32_gemm
-from .attention import ATTENTION_NAME, PagedAttentionMetadata, PagedKVCache, PrefillChunk, register
+from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
+from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
+from .kv_cache import PagedKVCache
 from .scheduler import SchedulerOutput
 
 
@@ -79,6 +80,14 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _block_tables(self, seqs) -> torch.Tensor | None:
+        """[len(seqs), max_blocks] int64, each row padded with block 0; None for no sequences."""
+        if not seqs:
+            return None
+        width = max(len(s.block_table) for s in seqs)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                            dtype=torch.long, device=self.device)
+
     def prepare(self, batch: SchedulerOutput):
         """Returns (input_ids, positions, metadata, logits_rows, order, prompt_rows) for `batch`.
 
@@ -92,7 +101,7 @@ class ModelRunner:
         pairs = list(zip(batch.seqs, batch.num_new_tokens))
         decodes = [(s, n) for s, n in pairs if n == 1]
         prefills = [(s, n) for s, n in pairs if n > 1]
-        ids, pos, slots, rows, chunks, prompt_rows = [], [], [], [], [], []
+        ids, pos, slots, rows, query_lens, context_lens, prompt_rows = [], [], [], [], [], [], []
         for seq, _ in decodes:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
@@ -104,26 +113,25 @@ class ModelRunner:
             ids.extend(seq.token_ids[p:p + n])
             pos.extend(range(p, p + n))
             slots.extend(self._slots(seq.block_table, p, p + n))
-            table = None if p == 0 else torch.tensor(seq.block_table, dtype=torch.long, device=dev)
-            chunks.append(PrefillChunk(start, len(ids), p + n, table))
+            query_lens.append(n)
+            context_lens.append(p + n)
             if seq.skip_prefix_cache:  # wants prompt logprobs: positions q predict prompt token q + 1
                 first, last = max(p, seq.num_prompt_logprobs), min(p + n, seq.num_prompt_tokens - 1)
                 if last > first:
                     prompt_rows.append((seq, start + first - p, first, last - first))
             rows.append(len(ids) - 1 if p + n == seq.num_tokens else -1)
-        block_tables = context_lens = None
+        decode_context_lens = None
         if decodes:
-            width = max(len(s.block_table) for s, _ in decodes)
-            block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes],
-                                        dtype=torch.long, device=dev)
-            context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
+            decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decodes),
-            decode_block_tables=block_tables,
-            decode_context_lens=context_lens,
-            prefills=chunks,
+            decode_block_tables=self._block_tables([s for s, _ in decodes]),
+            decode_context_lens=decode_context_lens,
+            prefill_query_lens=query_lens,
+            prefill_context_lens=context_lens,
+            prefill_block_tables=self._block_tables([s for s, _ in prefills]),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)

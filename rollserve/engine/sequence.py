@@ -2,9 +2,11 @@
 
 A request with `n` samples starts as a single sequence whose prompt is
 prefilled once; when the prompt's last token is computed, it forks into `n`
-sequences that share the prompt's KV blocks.
+sequences that share the prompt's KV blocks. A beam of a beam-search request
+carries its search state (`BeamState`); a forked beam gets a copy.
 """
 
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from itertools import count
 
@@ -15,10 +17,32 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+@dataclass
+class BeamState:
+    """What beam search keeps on one beam (see beam_search.py); logprobs are under `log_softmax(logits)`."""
+
+    cumulative_logprob: float = 0.0
+    logprobs: list[float] = field(default_factory=list)  # one per completion token
+    # The best continuations (logprobs, token ids) once this beam's newest logits were computed; they
+    # wait here, across preemptions, until every live beam of the request has its own.
+    candidates: tuple[list[float], list[int]] | None = None
+
+    def fork(self) -> "BeamState":
+        """The state of a new beam continuing this one; its candidates come from its own logits."""
+        return BeamState(self.cumulative_logprob, list(self.logprobs))
+
+    def advance(self, logprob: float) -> None:
+        """The beam took a token of `logprob`; candidates are computed again for the next one."""
+        self.cumulative_logprob += logprob
+        self.logprobs.append(logprob)
+        self.candidates = None
+
+
 class Sequence:
     _ids = count()
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params, num_samples: int = 1, index: int = 0):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params, num_samples: int = 1, index: int = 0,
+                 beam: BeamState | None = None):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.params = params
@@ -49,7 +73,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # torch.Generator when the request is seeded
-        self.is_beam = False  # a beam of a beam-search request (see beam_search.py)
+        self.beam = beam  # the search state when this is a beam of a beam-search request
 
     @property
     def num_tokens(self) -> int:
@@ -64,12 +88,16 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def is_beam(self) -> bool:
+        return self.beam is not None
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def fork(self, index: int) -> "Sequence":
         """A sibling that shares everything computed so far (blocks are ref-counted by the block manager)."""
-        child = Sequence(self.request_id, [], self.params, 1, index)
+        child = Sequence(self.request_id, [], self.params, 1, index, None if self.beam is None else self.beam.fork())
         child.token_ids = list(self.token_ids)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.status = self.status

@@ -6,6 +6,11 @@ GEMM on exact fp32 copies of the weights and rounds the result back to the
 input dtype: fp32 accumulation of exact products, which is what a native bf16
 GEMM does too. Copies are keyed by the weight's version counter, so in-place
 weight updates are picked up.
+
+Under the mode, `F.linear(x, weight, bias)` with x: [..., in_features] bf16/fp16, weight:
+[out_features, in_features] and bias: [out_features] (x's dtype) returns [..., out_features] in x's
+dtype, equal to `F.linear(x.float(), weight.float(), bias.float()).to(x.dtype)`; every other call
+(and fp32 inputs) runs unchanged.
 """
 
 import torch
@@ -16,6 +21,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 def needs_fp32_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `dtype` GEMMs on `device` lack native kernels (a CPU without bf16/fp16 matrix support)."""
     if device.type != "cpu" or dtype not in HALF:
         return False
     if dtype == torch.bfloat16:
@@ -24,6 +30,8 @@ def needs_fp32_gemm(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class Fp32Gemm(TorchFunctionMode):
+    """A `TorchFunctionMode` (use as a context manager) running half-precision `F.linear` in fp32."""
+
     def __init__(self):
         super().__init__()
         self._copies: dict[int, tuple[int, int, torch.Tensor]] = {}
