@@ -97,17 +97,16 @@ class ModelRunner:
         `(seq, first_packed_row, first_position, count)` for sequences that
         want prompt logprobs: the logits at those prompt positions.
         """
-        dev = self.device
+        dev, bs = self.device, self.block_size
         pairs = list(zip(batch.seqs, batch.num_new_tokens))
-        decodes = [(s, n) for s, n in pairs if n == 1]
+        decodes = [s for s, n in pairs if n == 1]
         prefills = [(s, n) for s, n in pairs if n > 1]
-        ids, pos, slots, rows, query_lens, context_lens, prompt_rows = [], [], [], [], [], [], []
-        for seq, _ in decodes:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.extend(self._slots(seq.block_table, p, p + 1))
-            rows.append(len(ids) - 1 if p + 1 == seq.num_tokens else -1)
+        # Decodes: one token each at position num_computed_tokens; slots from the block table tensor.
+        pos = [s.num_computed_tokens for s in decodes]
+        ids = [s.token_ids[p] for s, p in zip(decodes, pos)]
+        rows = [i if p + 1 == s.num_tokens else -1 for i, (s, p) in enumerate(zip(decodes, pos))]
+        decode_tables = self._block_tables(decodes)
+        slots, query_lens, context_lens, prompt_rows = [], [], [], []
         for seq, n in prefills:
             start, p = len(ids), seq.num_computed_tokens
             ids.extend(seq.token_ids[p:p + n])
@@ -120,22 +119,27 @@ class ModelRunner:
                 if last > first:
                     prompt_rows.append((seq, start + first - p, first, last - first))
             rows.append(len(ids) - 1 if p + n == seq.num_tokens else -1)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         decode_context_lens = None
         if decodes:
-            decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
+            nd = len(decodes)
+            p = positions[:nd]
+            decode_slots = decode_tables.gather(1, (p // bs)[:, None]).squeeze(1) * bs + p % bs
+            slot_mapping = torch.cat([decode_slots, slot_mapping])
+            decode_context_lens = p + 1
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=slot_mapping,
             num_decodes=len(decodes),
-            decode_block_tables=self._block_tables([s for s, _ in decodes]),
+            decode_block_tables=decode_tables,
             decode_context_lens=decode_context_lens,
             prefill_query_lens=query_lens,
             prefill_context_lens=context_lens,
             prefill_block_tables=self._block_tables([s for s, _ in prefills]),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        order = [s for s, _ in decodes] + [s for s, _ in prefills]
+        order = decodes + [s for s, _ in prefills]
         return input_ids, positions, meta, rows, order, prompt_rows
 
     @torch.inference_mode()
