@@ -279,6 +279,7 @@ class LLMEngine:
     def weights_updated(self, version: int) -> None:
         """New weights are in place: KV computed with the old ones must never be found again."""
         self.block_manager.reset_prefix_cache()
+        self.runner.weights_changed()
         self.weight_version = version
 
     @property

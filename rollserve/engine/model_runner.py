@@ -5,6 +5,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
+from ..kernels.fused_linear import FusedProjections, find_groups
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
 from .kv_cache import PagedKVCache
 from .scheduler import SchedulerOutput
@@ -59,6 +60,13 @@ class ModelRunner:
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
         self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
+        groups = find_groups(model)
+        self._fused = FusedProjections(groups) if groups else None
+
+    def weights_changed(self) -> None:
+        """New weights are in place: copies derived from them are rebuilt before the next forward."""
+        if self._fused is not None:
+            self._fused.invalidate()
 
     def _new_kv_cache(self) -> PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
@@ -149,7 +157,8 @@ class ModelRunner:
         for _, first, _, count in prompt_rows:
             keep.extend(range(first, first + count))
         keep = torch.tensor(keep, dtype=torch.long, device=self.device)
-        with _paged_attention(self._attn_configs), _eval_mode(self.model), (self._gemm or nullcontext()):
+        with (_paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext(),
+              self._fused or nullcontext()):
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
