@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import cpu_ext
 from ..kernels.decode_attention import paged_decode_attention
 from ..kernels.kv_write import write_kv
 from ..kernels.prefill_attention import paged_prefill_attention
@@ -45,8 +46,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     nd = meta.num_decodes
     parts = []
     if nd:
-        parts.append(paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                            meta.decode_context_lens, scale, sliding_window, softcap))
+        decode = cpu_ext.paged_decode_attention if cpu_ext.supports_decode(q, k_cache) else paged_decode_attention
+        parts.append(decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+                            sliding_window, softcap))
     if meta.prefill_query_lens:
         parts.append(paged_prefill_attention(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_query_lens,
                                              meta.prefill_context_lens, meta.prefill_block_tables, scale,
