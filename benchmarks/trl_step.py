@@ -1,7 +1,12 @@
-"""Seconds per GRPO step: TRL's own generation (`use_vllm=False`) vs rollserve, same config, same process.
+"""Seconds per GRPO step: TRL's own generation (`use_vllm=False`), TRL with transformers' continuous
+batching (`use_transformers_continuous_batching=True`) and rollserve, same config, same process.
 
     python benchmarks/trl_step.py [--steps 3] [--num-generations 8] [--prompts-per-step 2]
-                                  [--max-completion-length 64] [--copy] [--no-is-correction] [--only ARM]
+                                  [--max-completion-length 64] [--copy] [--no-is-correction]
+                                  [--arms trl,trl-cb,rollserve]
+
+The generation-heavy shape of the engine-speed issue is
+`--prompts-per-step 4 --num-generations 8 --max-completion-length 256`.
 
 SmolLM2-135M-Instruct, fp32, CPU. Each run trains `--steps` steps after one warm-up
 step (not counted). Prints seconds per step for each, the ratio TRL / rollserve, and
@@ -13,6 +18,7 @@ mean completion length of each run is printed too.
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -27,6 +33,9 @@ from workload import conversations  # noqa: E402
 
 from rollserve import smollm2_135m_instruct  # noqa: E402
 from rollserve.integrations.trl import GRPOTrainer, RollserveConfig  # noqa: E402
+
+
+ARMS = ("trl", "trl-cb", "rollserve")
 
 
 def reward_short(completions, **kwargs) -> list[float]:
@@ -63,16 +72,17 @@ def run(name: str, ns, path, tokenizer) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = conversations(ns.prompts_per_step * (ns.steps + 1))
     config = trl.GRPOConfig(
-        output_dir="/tmp/rollserve-trl-step", max_steps=ns.steps + 1, learning_rate=1e-6,
+        output_dir=tempfile.mkdtemp(prefix="rollserve-trl-step-"), max_steps=ns.steps + 1, learning_rate=1e-6,
         per_device_train_batch_size=ns.num_generations * ns.prompts_per_step, num_generations=ns.num_generations,
         max_completion_length=ns.max_completion_length, temperature=1.0, beta=0.0, logging_steps=1, report_to=[],
         use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True, shuffle_dataset=False,
         vllm_importance_sampling_correction=not (name == "rollserve" and ns.no_is_correction),
+        use_transformers_continuous_batching=name == "trl-cb",
     )
     timer = StepTimer()
     common = dict(model=model, reward_funcs=reward_short, args=config, processing_class=tokenizer,
                   train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
-    if name == "trl":
+    if name in ("trl", "trl-cb"):
         trainer = trl.GRPOTrainer(**common)
     else:
         trainer = GRPOTrainer(**common, rollserve_config=RollserveConfig(
@@ -96,18 +106,25 @@ def main() -> None:
     ap.add_argument("--no-is-correction", action="store_true",
                     help="rollserve arm with vllm_importance_sampling_correction=False: TRL then skips the extra "
                          "forward pass that recomputes the old logprobs (its own-generation arm never does it)")
-    ap.add_argument("--only", choices=("trl", "rollserve"), default=None, help="run one arm")
+    ap.add_argument("--arms", default="trl,trl-cb,rollserve",
+                    help="comma-separated arms among trl (HF generate), trl-cb (transformers' continuous "
+                         "batching) and rollserve")
     ns = ap.parse_args()
+    arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        ap.error(f"--arms {ns.arms!r}: unknown arm(s) {unknown}; choose among {', '.join(ARMS)}")
     path = smollm2_135m_instruct()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    arms = [ns.only] if ns.only else ["trl", "rollserve"]
     results = {name: run(name, ns, path, tokenizer) for name in arms}
     for name, r in results.items():
         print(f"{name:10s} {r['step']:7.2f} s/step  generation {r['gen']:6.2f} s ({100 * r['gen'] / r['step']:4.1f} % "
               f"of the step)  mean completion length {r['length']:.1f}")
-    if len(results) == 2:
-        print(f"step time ratio TRL / rollserve: {results['trl']['step'] / results['rollserve']['step']:.2f}x; "
-              f"generation ratio: {results['trl']['gen'] / results['rollserve']['gen']:.2f}x")
+    if "rollserve" in results:
+        ours = results["rollserve"]
+        for name in (a for a in arms if a != "rollserve"):
+            print(f"{name} / rollserve: step time {results[name]['step'] / ours['step']:.2f}x, "
+                  f"generation {results[name]['gen'] / ours['gen']:.2f}x")
 
 
 if __name__ == "__main__":

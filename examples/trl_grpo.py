@@ -72,6 +72,7 @@ def main() -> None:
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         temperature=1.0, beta=0.0, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
         save_strategy="no", seed=0, disable_tqdm=True,
+        activation_checkpointing=True,  # TRL's default (gradient_checkpointing=True) under its transformers 5 name
     )
     trainer = GRPOTrainer(
         model=model, reward_funcs=short_sentence_reward, args=config, train_dataset=dataset,

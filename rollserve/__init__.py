@@ -1,6 +1,7 @@
 """rollserve: the rollout engine for RL post-training of language models.
 
-`import rollserve` stays light: the server client and the dataset generator are imported when first used.
+`import rollserve` stays light (no torch, no transformers, so `rollserve --help` is quick): the engine, the
+model loader, the server client and the dataset generator are imported when first used.
 """
 
 from importlib import import_module
@@ -12,12 +13,13 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 from .config import EngineConfig
-from .llm import LLM
-from .model_loader import gguf_to_hf, smollm2_135m_instruct
 from .outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
 from .sampling_params import BeamSearchParams, SamplingParams
 
-_LAZY = {"RemoteLLM": "rollserve.serve.client", "generate_dataset": "rollserve.dataset"}
+_LAZY = {
+    "LLM": "rollserve.llm", "gguf_to_hf": "rollserve.model_loader", "smollm2_135m_instruct": "rollserve.model_loader",
+    "RemoteLLM": "rollserve.serve.client", "generate_dataset": "rollserve.dataset",
+}
 
 
 def __getattr__(name: str):

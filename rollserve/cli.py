@@ -1,18 +1,38 @@
 """The `rollserve` command. Each subcommand is a function that adds its parser and one that runs it.
 
     rollserve generate --model PATH --prompts FILE --out DIR [--n 8 --temperature 1.0 --max-tokens 256 ...]
+    rollserve serve --model PATH [--http-port 8000 --kv-cache-memory 2GiB ...]
+
+Parsing imports neither torch nor transformers (`--help` and argument errors are quick); a command
+imports the engine when it runs.
 """
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
+from . import __version__
+from .config import add_engine_arguments, dtype_name, engine_args_from
 from .sampling_params import SamplingParams
 
 _DEFAULTS = SamplingParams()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: ...)` to an option's help, except where there is no default worth showing.
+
+    Not for required options, flags (bool defaults), None, or help that already names its default.
+    """
+
+    def _get_help_string(self, action):
+        default = action.default
+        if action.required or default is None or isinstance(default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def load_callable(spec: str):
@@ -44,42 +64,43 @@ def load_callable(spec: str):
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample completions of a prompt set into a resumable dataset",
-                              description="Samples N completions of every prompt and writes them as shards "
-                                          "(rerun the same command to resume after an interruption).")
+                              description="Samples N completions of every prompt and writes them as shards, one "
+                                          "row per completion (rerun the same command to resume after an "
+                                          "interruption). Shards hold prompts in the order they finish: sort by "
+                                          "prompt_index, sample_index for prompt order.",
+                              formatter_class=HelpFormatter)
     io = p.add_argument_group("input and output")
     io.add_argument("--model", required=True, help="HF model folder or .gguf file")
     io.add_argument("--prompts", required=True, help=".jsonl, .parquet, or a datasets.save_to_disk folder")
-    io.add_argument("--prompt-field", default="prompt", help="column holding the prompt (default: prompt)")
+    io.add_argument("--prompt-field", default="prompt", help="column holding the prompt")
     io.add_argument("--chat", action="store_true", help="apply the chat template to string prompts too "
                                                          "(message-list rows always get it)")
     io.add_argument("--out", required=True, help="output folder")
-    io.add_argument("--format", default="parquet", choices=("parquet", "jsonl"))
-    io.add_argument("--batch-size", type=int, default=64, help="prompts per shard (default: 64)")
+    io.add_argument("--format", default="parquet", choices=("parquet", "jsonl"), help="shard file format")
+    io.add_argument("--batch-size", type=int, default=64, help="prompts per shard")
     io.add_argument("--overwrite", action="store_true", help="replace a dataset written with other parameters")
     io.add_argument("--reward", metavar="MODULE:FUNC",
-                    help="reward(prompt, completion, **row) -> float; MODULE may be a .py path")
+                    help="reward(prompt, completion, **row) -> float, in a 'reward' column (only with --reward); "
+                         "MODULE may be a .py path")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = p.add_argument_group("sampling (see rollserve.SamplingParams)")
+    s = p.add_argument_group("sampling (see rollserve.SamplingParams)",
+                             "--seed S (an engine option below) also seeds every prompt: prompt i is sampled "
+                             "with prompt_seed(S, i), so a resumed run reproduces an uninterrupted one")
     s.add_argument("--n", type=int, default=_DEFAULTS.n, help="completions per prompt")
-    s.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
-    s.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
-    s.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
-    s.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
-    s.add_argument("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty)
-    s.add_argument("--presence-penalty", type=float, default=_DEFAULTS.presence_penalty)
-    s.add_argument("--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty)
-    s.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
-    s.add_argument("--min-tokens", type=int, default=_DEFAULTS.min_tokens)
+    s.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0: greedy")
+    s.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, help="nucleus sampling mass (1: off)")
+    s.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="most likely tokens kept (0: all)")
+    s.add_argument("--min-p", type=float, default=_DEFAULTS.min_p,
+                   help="least probability kept, relative to the most likely token (0: off)")
+    s.add_argument("--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, help="1: off")
+    s.add_argument("--presence-penalty", type=float, default=_DEFAULTS.presence_penalty, help="0: off")
+    s.add_argument("--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty, help="0: off")
+    s.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens, help="most tokens per completion")
+    s.add_argument("--min-tokens", type=int, default=_DEFAULTS.min_tokens, help="no stop before this many tokens")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--ignore-eos", action="store_true", help="go on after the end-of-sequence token")
     s.add_argument("--logprobs", type=int, default=None, help="0: store each sampled token's logprob")
-    s.add_argument("--seed", type=int, default=None, help="makes the dataset reproducible, resumed or not")
-    e = p.add_argument_group("engine (see rollserve.LLM)")
-    e.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
-    e.add_argument("--max-num-seqs", type=int, default=256)
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    e.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache size in GiB")
-    e.add_argument("--max-model-len", type=int, default=None)
+    add_engine_arguments(p.add_argument_group("engine (see rollserve.EngineConfig)"))
     p.set_defaults(run=_run_generate)
 
 
@@ -88,29 +109,33 @@ def _sampling_params(args) -> SamplingParams:
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.seed)
+        stop=args.stop, ignore_eos=args.ignore_eos, logprobs=args.logprobs, seed=args.seed)  # the engine's --seed
 
 
 def _run_generate(args) -> int:
+    try:
+        params = _sampling_params(args)  # before the engine is imported: a bad value fails at once
+    except (ValueError, TypeError) as e:
+        return _fail(args, f"error: {e}", 2)
     from . import LLM
     from .dataset import RewardError, generate_dataset, read_prompts
 
     try:
-        params = _sampling_params(args)
         reward_fn = load_callable(args.reward) if args.reward else None
         prompts = read_prompts(args.prompts, args.prompt_field)
-        if args.kv_cache_gib <= 0:
-            raise ValueError(f"--kv-cache-gib={args.kv_cache_gib} is invalid: must be > 0")
-        llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=int(args.kv_cache_gib * 1024**3),
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_model_len=args.max_model_len)
+        if (done := _already_complete(args, prompts, params)) is not None:
+            print(f"{args.out}: already complete with these parameters ({done.num_rows} rows, "
+                  f"{len(done.prompt_indices)} prompts); nothing to do, the model was not loaded "
+                  f"(--overwrite generates it again)")
+            return 0
+        llm = LLM(args.model, **dataclasses.asdict(engine_args_from(args)))
     except (ValueError, TypeError, OSError) as e:
         return _fail(args, f"error: {e}", 2)
     try:
         summary = generate_dataset(
             llm, prompts, params, args.out, reward_fn, batch_size=args.batch_size, chat=args.chat,
             prompt_field=args.prompt_field, output_format=args.format, overwrite=args.overwrite,
-            use_tqdm=not args.no_progress, reward_name=args.reward)
+            use_tqdm=not args.no_progress, model_name=args.model, reward_name=args.reward)
     except RewardError as e:
         return _fail(args, f"stopped: {e}\nshards written so far are kept in {args.out}; rerun to resume", 1)
     except (ValueError, TypeError, OSError) as e:
@@ -121,29 +146,45 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _already_complete(args, prompts, params: SamplingParams):
+    """Refuses an `--out` generated with other parameters; its stats if it is complete already, else None.
+
+    Before the model loads, so it compares what is known then (the weights' dtype only when `--dtype`
+    names one); `generate_dataset` checks everything again.
+    """
+    from .dataset.shards import ShardStore, dataset_config
+
+    if args.overwrite:
+        return None
+    config = dataset_config(prompts, dataclasses.asdict(params), args.chat, args.prompt_field, args.format,
+                            args.reward, args.model, dtype_name(args.dtype))
+    return ShardStore(args.out, args.format, args.reward is not None).finished(config, params.n)
+
+
 def _fail(args, message: str, code: int) -> int:
     print(f"rollserve {args.command}: {message}", file=sys.stderr)
     return code
 
 
 def _add_serve(subparsers) -> None:
-    from .serve import server
+    from .serve import options
 
     p = subparsers.add_parser("serve", help="run an engine in its own process: ZMQ (RemoteLLM) and OpenAI HTTP fronts",
-                              description="Serve a model until SIGTERM/SIGINT; prints one 'ROLLSERVE READY {json}' line.")
-    server.add_arguments(p)
+                              description="Serve a model until SIGTERM/SIGINT; prints one 'ROLLSERVE READY {json}' line.",
+                              formatter_class=HelpFormatter)
+    options.add_arguments(p)
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
     from .serve import server
 
-    server.run(args)
-    return 0
+    return server.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollserve", description="rollserve: the rollout engine for RL post-training")
+    parser.add_argument("--version", action="version", version=f"rollserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(subparsers)
     _add_serve(subparsers)

@@ -1,55 +1,181 @@
-"""Engine configuration."""
+"""The engine arguments, defined once.
 
-from dataclasses import dataclass
+`EngineConfig` is what `LLM(...)` takes as keywords, what `RollserveConfig` (TRL) extends, and what
+the `rollserve serve` / `rollserve generate` options are generated from (`add_engine_arguments`,
+`engine_args_from`): same names, same units, same checks everywhere. Nothing here imports torch,
+so the command line parses and refuses arguments before the engine loads.
+"""
 
-import torch
+import argparse
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+import re
+import sys
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*([a-zA-Z]*)\s*")
+_SIZE_FORMAT = ("bytes (an int) or a number and a unit, e.g. '2GiB', '512MiB', '1.5GB' "
+                "(units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
 
 
-def resolve_dtype(dtype) -> torch.dtype | None:
-    """`"auto"` -> None (keep the model's); a name or a floating `torch.dtype` -> that dtype."""
-    if dtype == "auto" or dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+def parse_size(size: int | str) -> int:
+    """Bytes from an int (bytes) or a string such as `"2GiB"`, `"512MiB"`, `"1.5GB"`, `"4096"`.
+
+    KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; units are case-insensitive.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    unit = _SIZE_UNITS.get(match[2].upper() or "B") if match else None
+    if unit is None:
+        raise ValueError(f"{size!r} is not a size: give {_SIZE_FORMAT}")
+    return int(Fraction(match[1]) * unit)
+
+
+def _dtype(dtype):
+    """`dtype` itself if it is `"auto"`, a dtype name (`"bf16"`, `"float32"`, ...) or a floating `torch.dtype`."""
+    if isinstance(dtype, str) and (dtype == "auto" or dtype.lower() in _DTYPES):
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype={dtype!r} is not supported: use 'auto', one of {sorted(_DTYPES)} or a floating torch.dtype")
+    torch = sys.modules.get("torch")  # a torch.dtype exists only once torch is imported
+    if torch is not None and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"must be 'auto', one of {sorted(_DTYPES)} or a floating torch.dtype")
+
+
+def dtype_name(dtype: str) -> str | None:
+    """The canonical name of a checked dtype string (`"bf16"` -> `"bfloat16"`); `"auto"` -> None."""
+    return None if dtype == "auto" else _DTYPES[dtype.lower()]
+
+
+def resolve_dtype(dtype):
+    """A checked dtype (`EngineConfig.dtype`) as a `torch.dtype`; `"auto"` -> None (keep the model's)."""
+    import torch
+
+    if isinstance(dtype, str):
+        return None if dtype == "auto" else getattr(torch, _DTYPES[dtype.lower()])
+    return dtype
+
+
+def _size(value):
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise ValueError(f"must be {_SIZE_FORMAT}") from None
+    if size < 1:
+        raise ValueError("must be at least 1 byte")
+    return size
+
+
+def _int(low: int, optional: bool = False):
+    def check(value):
+        if value is None and optional:
+            return value
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"must be {'None or ' if optional else ''}an int >= {low}")
+        return value
+    return check
+
+
+def _bool(value):
+    if not isinstance(value, bool):
+        raise ValueError("must be True or False")
+    return value
+
+
+def _choice(*allowed: str):
+    def check(value):
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    return check
+
+
+def _arg(default, help: str, check, **extra):
+    return field(default=default, metadata={"help": help, "check": check, **extra})
 
 
 @dataclass
 class EngineConfig:
-    """Sizes of the paged KV cache and of each engine step.
+    """The engine's arguments: `LLM(model, tokenizer, **fields)`; `rollserve serve/generate --field-name`.
 
-    block_size: tokens per KV block.
-    kv_cache_memory: bytes given to the KV cache.
-    max_num_seqs: sequences decoded together at most.
-    max_num_batched_tokens: tokens (decode + prefill chunks) in one forward pass at most.
-    enable_prefix_caching: reuse KV blocks of identical prompt prefixes across requests.
-    max_model_len: longest prompt + completion; None = the model's `max_position_embeddings`.
-    seed: seeds the sampling of requests that bring no seed of their own.
+    Every field is checked at construction; a bad value raises `ValueError` naming the field,
+    the value and what is allowed. `kv_cache_memory` is held in bytes once constructed.
     """
 
-    block_size: int = 16
-    kv_cache_memory: int = 2 * 1024**3
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
-    seed: int = 0
+    dtype: "str | torch.dtype" = _arg(
+        "auto", "dtype of the weights and the KV cache: 'auto' (the model's own), bf16, fp16 or fp32 (also "
+                "bfloat16, float16, half, float32, float, or a floating torch.dtype)", _dtype)
+    block_size: int = _arg(16, "tokens per paged KV block", _int(1))
+    kv_cache_memory: int | str = _arg("2GiB", "memory given to the paged KV cache: bytes, or a size such as "
+                                              "2GiB, 512MiB, 1.5GB", _size)
+    max_num_seqs: int = _arg(256, "sequences decoded together at most", _int(1))
+    max_num_batched_tokens: int = _arg(2048, "tokens (decodes and prefill chunks) in one forward pass at most",
+                                       _int(1))
+    enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of identical prompt prefixes across requests",
+                                       _bool, flag="--no-prefix-caching")
+    max_model_len: int | None = _arg(None, "longest prompt + completion in tokens (default: the model's "
+                                           "max_position_embeddings)", _int(2, optional=True))
+    seed: int = _arg(0, "seeds the sampling of requests that bring no seed of their own", _int(0))
+    double_buffer_weights: bool = _arg(
+        False, "update_weights writes and checks new weights in a second copy while generation goes on, then "
+               "swaps it in between two steps (one more copy of the weights in memory; off: the update is "
+               "checked, then copied in between two steps)", _bool)
+
+    attention_backend: str = _arg(
+        "auto", "attention kernels: 'auto' (Triton when the model is on a CUDA device, triton is installed and "
+                "block_size is a power of two >= 16; else the torch references), 'torch' or 'triton'",
+        _choice("auto", "torch", "triton"))
 
     def __post_init__(self) -> None:
-        for name, low in (("block_size", 1), ("kv_cache_memory", 1), ("max_num_seqs", 1),
-                          ("max_num_batched_tokens", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an int >= {low}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
-            raise ValueError(f"EngineConfig.max_model_len={self.max_model_len!r} is invalid: must be None or an int >= 2")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} must be a bool")
+        for f in fields(self):
+            if "check" in f.metadata:  # the engine's fields; a subclass (RollserveConfig) checks its own
+                setattr(self, f.name, _checked(f"{type(self).__name__}.{f.name}", f, getattr(self, f.name)))
+
+
+def _checked(label: str, f, value):
+    try:
+        return f.metadata["check"](value)
+    except ValueError as e:
+        raise ValueError(f"{label}={value!r} is invalid: {e}") from None
+
+
+def add_engine_arguments(parser) -> None:
+    """One option per `EngineConfig` field on `parser` (or an argument group): `--kv-cache-memory 2GiB`, ...
+
+    A bool field is a flag: `--field-name` when it is off by default, the field's `flag` (such as
+    `--no-prefix-caching`) when on. Values are checked as they are parsed, so a bad one is an
+    argparse error naming the option.
+    """
+    for f in fields(EngineConfig):
+        if f.default is True:
+            parser.add_argument(f.metadata["flag"], dest=f.name, action="store_false",
+                                help=f"sets {f.name}=False (on by default: {f.metadata['help']})")
+        elif f.default is False:
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_argument_type(f), default=f.default,
+                                help=f.metadata["help"])
+
+
+def _argument_type(f):
+    def convert(text: str):
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+        try:
+            return _checked(f.name, f, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def engine_args_from(namespace: argparse.Namespace) -> EngineConfig:
+    """The `EngineConfig` of a namespace parsed by a parser that `add_engine_arguments` filled."""
+    return EngineConfig(**{f.name: getattr(namespace, f.name) for f in fields(EngineConfig)})

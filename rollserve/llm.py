@@ -10,7 +10,8 @@ import torch
 from .config import EngineConfig, resolve_dtype
 from .engine.llm_engine import LLMEngine
 from .model_loader import load_model
-from .outputs import BeamSearchOutput, RequestOutput
+from .inputs import InputProcessor, Prompt, as_prompt_list, is_conversation
+from .outputs import BeamSearchOutput, RequestOutput, StepOutput
 from .sampling_params import BeamSearchParams, SamplingParams
 from .weight_sync import updater
 
@@ -29,23 +30,15 @@ class LLM:
 
     `model` is an HF folder, a `.gguf` file (converted once to a cached HF
     folder) or a live `PreTrainedModel` (the trainer's own module, used in
-    place unless `dtype` asks for another). `kv_cache_memory` is in bytes.
-
-    `double_buffer_weights`: keep a second copy of the weights that `update_weights` writes
-    and checks in one pass while generation goes on, then swaps in between two steps (about
-    plain-copy speed, and generation pauses only for the swap) at the cost of one more copy of
-    the weights in memory. Off: the update is checked, then copied in between two steps.
+    place unless `dtype` asks for another). `tokenizer`: a tokenizer, a folder
+    to load one from, or None (the model folder's). The engine arguments are
+    keywords, the fields of `rollserve.EngineConfig` (`dtype="bf16"`,
+    `kv_cache_memory="2GiB"`, `max_num_seqs=64`, ...), checked there.
     """
 
-    def __init__(self, model, tokenizer=None, dtype="auto", block_size: int = 16,
-                 kv_cache_memory: int = EngineConfig.kv_cache_memory, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None, seed: int = 0, double_buffer_weights: bool = False):
-        if not isinstance(double_buffer_weights, bool):
-            raise ValueError(f"double_buffer_weights={double_buffer_weights!r} is invalid: must be True or False")
-        config = EngineConfig(block_size, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
-                              enable_prefix_caching, max_model_len, seed)
-        self.model, tokenizer_source = load_model(model, resolve_dtype(dtype))
+    def __init__(self, model, tokenizer=None, **engine_args):
+        config = EngineConfig(**engine_args)
+        self.model, tokenizer_source = load_model(model, resolve_dtype(config.dtype))
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_source)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -54,10 +47,12 @@ class LLM:
         self.max_model_len = config.max_model_len or limit or 2048
         self.engine = LLMEngine(self.model, config, _eos_ids(self.model, self.tokenizer), self.max_model_len,
                                 self._detokenize)
+        self.logits_size = self.engine.logits_size  # the LM head's width (>= vocab_size where it is padded)
+        self.inputs = InputProcessor(self.tokenizer, self.engine.check_request)
         self._request_ids = count()
         self._step_lock = threading.Lock()  # held around each engine step and each weight update
         self._update_gate = threading.Lock()  # a waiting update holds it, so the step loop cannot starve it
-        self._weight_buffers = updater.WeightBuffers() if double_buffer_weights else None
+        self._weight_buffers = updater.WeightBuffers() if config.double_buffer_weights else None
 
     @staticmethod
     def _load_tokenizer(tokenizer, source):
@@ -190,39 +185,85 @@ class LLM:
         with self._update_gate, self._step_lock:
             return updater.weights_fingerprint(self.model.named_parameters())
 
-    # -- inputs -------------------------------------------------------------
-    def _normalize_prompts(self, prompts) -> list:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            return [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
-        return list(prompts)
+    # -- the step API -------------------------------------------------------
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
 
-    def _encode(self, i: int, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is a string but the engine has no tokenizer; pass token ids")
-            if not prompt:
-                raise ValueError(f"prompts[{i}]: the prompt is empty")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
-        return None, list(prompt)
+    def add_request(self, prompt, params: SamplingParams | BeamSearchParams | None = None,
+                    request_id: str | None = None, *, stream: bool = False,
+                    chat_template_kwargs: dict | None = None) -> str:
+        """Queues one request for `step()`; returns its id.
 
-    def _validate(self, i: int, token_ids: list[int], params: SamplingParams) -> None:
-        problem = self.engine.check_request(token_ids, params)
-        if problem:
-            raise ValueError(f"prompts[{i}]: {problem}")
+        `prompt`: a string, token ids, a conversation (a list of message dicts, rendered by the chat
+        template) or a `rollserve.inputs.Prompt`. `params`: `SamplingParams` (default) or
+        `BeamSearchParams`. `request_id`: any unused string (default: a fresh one). `stream=True`:
+        every `step()` that gives the request tokens reports them (`StepOutput.deltas`); otherwise
+        it reports only once, when it finishes. A bad prompt or parameter raises and queues nothing.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise TypeError(f"params must be a SamplingParams or BeamSearchParams, got {type(params).__name__}")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise TypeError(f"request_id must be a non-empty str or None, got {request_id!r}")
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
+        if stream and isinstance(params, BeamSearchParams):
+            raise ValueError("stream=True is not supported for beam search")
+        self._check_awake()
+        encoded = self.inputs.process(prompt, params, "prompt", chat_template_kwargs)
+        with self._engine_turn():
+            return self._add(encoded, params, request_id, stream)
+
+    def _add(self, prompt: Prompt, params, request_id: str | None, stream: bool) -> str:
+        rid = str(next(self._request_ids)) if request_id is None else request_id
+        self.engine.add_request(rid, prompt.token_ids, params, prompt=prompt.text, stream=stream)
+        return rid
+
+    def step(self) -> list[StepOutput]:
+        """Runs one engine step (under the step lock, so weight updates fall between steps).
+
+        Returns a `StepOutput` per request that finished in it (`finished=True`, with its final output)
+        and per streaming request that gained tokens (`deltas`); empty when there was nothing to run.
+        """
+        with self._engine_turn():
+            return self.engine.step()
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        """Stops a request and frees its KV blocks; returns its final `StepOutput` (finish_reason "abort")
+        or None when no such request is in flight."""
+        with self._engine_turn():
+            return self.engine.abort_request(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is in flight."""
+        return self.engine.has_unfinished_requests()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.engine.requests)
+
+    def metrics(self) -> dict:
+        """Counters and gauges of the engine: tokens, steps, queue depths, KV use, prefix-cache hit rate."""
+        engine = self.engine
+        sched, blocks, stats = engine.scheduler, engine.block_manager, engine.stats
+        queries = sched.stats.prefix_cache_queries
+        return {"generation_tokens": stats.num_generated_tokens, "prefill_tokens": stats.num_prefill_tokens,
+                "num_steps": stats.num_steps, "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                "num_preemptions": sched.stats.num_preemptions,
+                "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
+                "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
+                "weight_version": engine.weight_version}
 
     # -- generation ---------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Generates completions for each prompt; returns one `RequestOutput` per prompt, in prompt order.
 
-        Every prompt is checked before any is queued: a bad one raises `ValueError` and nothing runs.
+        A prompt is a string, token ids or a conversation (see `add_request`). Every prompt is
+        checked before any is queued: a bad one raises `ValueError` and nothing runs.
         """
-        self._check_awake()
-        prompts = self._normalize_prompts(prompts)
+        prompts = as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -231,15 +272,7 @@ class LLM:
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
-        for i, ((_, ids), p) in enumerate(zip(encoded, params)):
-            self._validate(i, ids, p)
-        ids = []
-        for (text, token_ids), p in zip(encoded, params):
-            rid = str(next(self._request_ids))
-            self.engine.add_request(rid, token_ids, p, prompt=text)
-            ids.append(rid)
-        return self._run(ids, use_tqdm)
+        return self._run_all(prompts, params, use_tqdm, chat_template_kwargs)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True) -> list[BeamSearchOutput]:
         """Beam search over each prompt inside the engine (beams share KV blocks); one output per prompt, in order.
@@ -248,20 +281,35 @@ class LLM:
         """
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = as_prompt_list(prompts)
+        return self._run_all(prompts, [params] * len(prompts), use_tqdm, None)
+
+    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation (a list of messages) and generates."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        if is_conversation(conversations):
+            conversations = [conversations]
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError("conversations must be a conversation (a list of message dicts) or a list of them")
+        for i, conv in enumerate(conversations):
+            if not is_conversation(conv):
+                raise ValueError(f"conversations[{i}] must be a non-empty list of message dicts")
+        return self.generate(list(conversations), sampling_params, use_tqdm, chat_template_kwargs)
+
+    def _run_all(self, prompts: list, params: list, use_tqdm: bool, chat_template_kwargs) -> list:
         self._check_awake()
-        prompts = self._normalize_prompts(prompts)
-        encoded = [self._encode(i, p) for i, p in enumerate(prompts)]
-        for i, (_, ids) in enumerate(encoded):
-            self._validate(i, ids, params)
-        ids = []
-        for text, token_ids in encoded:
-            rid = str(next(self._request_ids))
-            self.engine.add_request(rid, token_ids, params, prompt=text)
-            ids.append(rid)
+        encoded = [self.inputs.encode(prompt, f"prompts[{i}]", chat_template_kwargs) for i, prompt in enumerate(prompts)]
+        for i, (e, p) in enumerate(zip(encoded, params)):
+            self.inputs.check(e, p, f"prompts[{i}]")
+        with self._engine_turn():
+            ids = [self._add(e, p, None, False) for e, p in zip(encoded, params)]
         return self._run(ids, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        results: dict[str, RequestOutput] = {}
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
+        results: dict = {}
+        pending = set(request_ids)
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -269,40 +317,22 @@ class LLM:
             bar = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
         start, tokens0 = time.perf_counter(), self.engine.stats.num_generated_tokens
         try:
-            while self.engine.has_unfinished_requests():
-                with self._engine_turn():
-                    outs = self.engine.step()
-                for out in outs:
-                    results[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
+            while pending:
+                for out in self.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = out.output
+                        if bar is not None:
+                            bar.update(1)
                 if bar is not None:
                     rate = (self.engine.stats.num_generated_tokens - tokens0) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
         except BaseException:
             with self._engine_turn():
-                self.engine.abort_all()
+                for rid in pending:
+                    self.engine.abort_request(rid)
             raise
         finally:
             if bar is not None:
                 bar.close()
         return [results[r] for r in request_ids]
-
-    def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation (a list of messages) and generates."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
-        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        prompts = []
-        for i, conv in enumerate(conversations):
-            if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
-                raise ValueError(f"conversations[{i}] must be a non-empty list of message dicts")
-            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
-                                                      **(chat_template_kwargs or {}))
-            prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids)
-        outputs = self.generate(prompts, sampling_params, use_tqdm)
-        for out, prompt_ids in zip(outputs, prompts):
-            out.prompt = self.tokenizer.decode(prompt_ids)
-        return outputs

@@ -1,4 +1,4 @@
-"""What `LLM.generate` and `LLM.beam_search` return."""
+"""What `LLM.generate`, `LLM.beam_search` and `LLM.step` return."""
 
 from dataclasses import dataclass, field
 
@@ -31,7 +31,8 @@ class CompletionOutput:
 class RequestOutput:
     """All completions of one prompt, in sample-index order.
 
-    `weight_version` is the version the request was admitted with;
+    `weight_version` is the version that produced the request's first token (the version it was
+    admitted with while it has none); `CompletionOutput.weight_versions` has every token's.
     `prompt_logprobs[i]` maps prompt token i (and the top alternatives) to its
     logprob, `None` for the first.
     """
@@ -68,3 +69,39 @@ class BeamSearchOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[BeamSearchSequence] = field(default_factory=list)
+
+
+@dataclass
+class SampleDelta:
+    """What one sample of a streaming request gained in one step: its new tokens and the text they complete.
+
+    Text is held back while it would end inside a character, and by the longest stop string minus one
+    character, so a stop string is never streamed; the last delta of a sample (`finish_reason` set)
+    carries the rest, and the deltas' texts add up to the final `CompletionOutput.text`.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    weight_versions: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class StepOutput:
+    """One request's news from one `LLM.step()`.
+
+    A streaming request (`add_request(..., stream=True)`) reports every step that gave it tokens, with a
+    `SampleDelta` per sample that advanced; any request reports the step that finished it, with
+    `finished=True` and its final `output` (a `RequestOutput`, or a `BeamSearchOutput` for beam search).
+    `weight_version` is the version of the first token in `deltas` (of the request when there are none).
+    """
+
+    request_id: str
+    deltas: list[SampleDelta]
+    finished: bool
+    output: "RequestOutput | BeamSearchOutput | None" = None
+    weight_version: int = 0

@@ -4,6 +4,8 @@ would shadow tests/conftest.py, which other test modules import by name).
 - `tiny_model_dir`: a small random Llama saved with SmolLM2's tokenizer (so it reads text prompts and
   runs in milliseconds per step): what the CLI subprocess tests load.
 - `run_cli`: runs `python -m rollserve.cli ...` from this checkout in a subprocess.
+- `nan_update()` / `NAN_PROBLEMS`: a weight update of the tiny models that every transport must refuse
+  with `WeightUpdateError(NAN_PROBLEMS)`.
 - `one_thread` (autouse where imported): torch on one intra-op thread. On this 2-core machine shared
   with other jobs, two-thread torch ops stall under contention (measured: SmolLM2 generate 18 s with
   one thread, 115 s with two, load average 8); the CLI subprocesses get OMP_NUM_THREADS=1 likewise.
@@ -54,6 +56,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_path):
     path = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_llama(path, smollm2_path, max_position_embeddings=256, tie_word_embeddings=True)
     return path
+
+
+NAN_PROBLEMS = {"non-finite values (NaN/inf)": ["model.norm.weight"]}
+
+
+def nan_update() -> list[tuple[str, torch.Tensor]]:
+    """A good tensor, then a NaN one (hidden size 64): refused as a whole, so had the good one been applied
+    anyway, the engine's fingerprint would show it."""
+    return [("model.layers.0.input_layernorm.weight", torch.full((64,), 2.0)),
+            ("model.norm.weight", torch.full((64,), float("nan")))]
 
 
 @pytest.fixture(scope="session")

@@ -138,18 +138,18 @@ def test_abort_mid_search_frees_every_beam(tiny_model, make_prompts):
     prompt = make_prompts([11], seed=10)[0]
     llm = LLM(model, block_size=4)
     engine, width = llm.engine, 3
-    engine.add_request("beams", prompt, BeamSearchParams(beam_width=width, max_tokens=20))
-    engine.add_request("other", prompt, BeamSearchParams(beam_width=2, max_tokens=3))
+    llm.add_request(prompt, BeamSearchParams(beam_width=width, max_tokens=20), request_id="beams")
+    llm.add_request(prompt, BeamSearchParams(beam_width=2, max_tokens=3), request_id="other")
     rounds = 5  # each step is one selection round (the first one's logits come with the prefill)
     for _ in range(rounds):
-        assert not any(out.request_id == "beams" for out in engine.step())
+        assert not any(out.request_id == "beams" for out in llm.step())
     ref = plain_beam_search(model, prompt, width, rounds)  # no EOS: its result is the live beams after `rounds`
-    out = engine.abort_request("beams")
+    out = llm.abort("beams").output
     _check([out], [ref])
     assert all(s.finish_reason == "abort" for s in out.sequences)
-    assert engine.abort_request("beams") is None
-    while engine.has_unfinished_requests():
-        engine.step()
+    assert llm.abort("beams") is None
+    while llm.has_unfinished():
+        llm.step()
     assert engine.stats.num_generated_tokens == rounds * width + 3 * 2  # one token per live beam per round
     bm = engine.block_manager
     assert all(b.ref_count == 0 for b in bm.blocks) and bm.num_free_blocks == bm.num_blocks

@@ -552,11 +552,15 @@ def test_invalid_request_in_a_running_engine_is_rejected_alone(tiny_model, make_
     engine = llm.engine
     prompts = make_prompts([9, 40, 15], seed=49)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    engine.add_request("a", prompts[0], greedy)
-    engine.add_request("b", prompts[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=2))
+    llm.add_request(prompts[0], greedy, request_id="a")
+    llm.add_request(prompts[1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=2), request_id="b")
     finished = {}
+
+    def step():
+        finished.update((o.request_id, o.output) for o in llm.step() if o.finished)
+
     for _ in range(3):
-        finished.update((o.request_id, o) for o in engine.step())
+        step()
     bad = [
         ("b", prompts[2], greedy, "already in use"),
         ("bad-logprobs", prompts[2], SamplingParams(logprobs=TINY_VOCAB + 1), "logprobs"),
@@ -567,11 +571,11 @@ def test_invalid_request_in_a_running_engine_is_rejected_alone(tiny_model, make_
     ]
     for rid, prompt, params, match in bad:
         with pytest.raises(ValueError, match=match):
-            engine.add_request(rid, prompt, params)
-        finished.update((o.request_id, o) for o in engine.step())  # the others keep running
-    engine.add_request("c", prompts[2], greedy)  # a valid request after the refusals
-    while engine.has_unfinished_requests():
-        finished.update((o.request_id, o) for o in engine.step())
+            llm.add_request(prompt, params, request_id=rid)
+        step()  # the others keep running
+    llm.add_request(prompts[2], greedy, request_id="c")  # a valid request after the refusals
+    while llm.has_unfinished():
+        step()
     assert set(finished) == {"a", "b", "c"}
     for rid, prompt, k in zip("abc", prompts, (8, 16, 8)):
         ref = hf_greedy(model, prompt, k)

@@ -6,15 +6,16 @@ import math
 import numbers
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..inputs import Prompt
+from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .prompts import PromptFileError, PromptRow, PromptSet, read_prompts
-from .shards import DatasetStats, ShardStore
+from .shards import DatasetStats, ShardStore, dataset_config
 from .writer import ShardWriter
 
 IN_FLIGHT_FACTOR = 2  # sequences kept in the engine, in units of max_num_seqs, so freed slots refill at once
@@ -74,11 +75,11 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 
 
 def _check_args(llm, sampling_params, reward_fn, batch_size) -> None:
-    if not hasattr(llm, "engine") or not hasattr(llm, "get_tokenizer"):
+    if not isinstance(llm, LLM):
         raise TypeError(f"llm must be a rollserve.LLM, got {type(llm).__name__}")
     if llm.get_tokenizer() is None:
         raise ValueError("generate_dataset needs an LLM with a tokenizer (prompts are text)")
-    if llm.engine.has_unfinished_requests():
+    if llm.has_unfinished():
         raise ValueError("the LLM has requests in flight; generate_dataset needs it to itself")
     if not isinstance(sampling_params, SamplingParams):
         raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -91,8 +92,8 @@ def _check_args(llm, sampling_params, reward_fn, batch_size) -> None:
 
 
 def _encode(llm, rows: list[PromptRow], chat: bool, params: SamplingParams) -> tuple[list[str], list[list[int]]]:
-    """The text the model sees and its token ids, for every row; every length is checked before anything runs."""
-    tok = llm.get_tokenizer()
+    """The text the model sees and its token ids, for every row; every prompt is checked before anything runs."""
+    inputs = llm.inputs
     texts, templated = [], []
     for row in rows:
         if not (row.is_chat or chat):
@@ -101,28 +102,16 @@ def _encode(llm, rows: list[PromptRow], chat: bool, params: SamplingParams) -> t
             continue
         messages = row.prompt if row.is_chat else [{"role": "user", "content": row.prompt}]
         try:
-            texts.append(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        except Exception as e:  # jinja and tokenizer errors come in many types
-            raise PromptFileError(f"{row.where}: the chat template failed: {type(e).__name__}: {e}") from None
+            texts.append(inputs.render_chat(messages, row.where))
+        except ValueError as e:
+            raise PromptFileError(str(e)) from None
         templated.append(True)
-    ids: list[list[int]] = [[] for _ in rows]
-    for flag in (False, True):
-        where = [i for i, t in enumerate(templated) if t == flag]
-        if where:
-            encoded = tok([texts[i] for i in where], add_special_tokens=not flag).input_ids
-            for i, token_ids in zip(where, encoded):
-                ids[i] = list(token_ids)
-    limit, cache = llm.max_model_len, llm.engine.max_tokens_per_seq
-    for row, token_ids in zip(rows, ids):
-        if not token_ids:
-            raise PromptFileError(f"{row.where}: the prompt encodes to no tokens")
-        if len(token_ids) >= limit:
-            raise PromptFileError(f"{row.where}: the prompt has {len(token_ids)} tokens; the model's context is "
-                                  f"{limit} (prompt + at least one generated token must fit)")
-        need = min(len(token_ids) + params.max_tokens, limit)
-        if need > cache:
-            raise PromptFileError(f"{row.where}: {len(token_ids)} prompt tokens + max_tokens={params.max_tokens} "
-                                  f"need {need} KV slots but the cache holds {cache}")
+    ids = inputs.encode_texts(texts, templated)
+    for row, text, token_ids in zip(rows, texts, ids):
+        try:
+            inputs.check(Prompt(token_ids, text), params, row.where)
+        except ValueError as e:
+            raise PromptFileError(str(e)) from None
     return texts, ids
 
 
@@ -136,14 +125,8 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
             reward_name: str | None, model_name: str | None) -> dict:
     model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
-    if Path(model).exists():
-        model = str(Path(model).resolve())
-    return {
-        "model": model, "dtype": str(llm.model.dtype).removeprefix("torch."),
-        "sampling_params": dataclasses.asdict(params), "chat": chat, "prompt_field": prompt_field,
-        "input_fingerprint": prompt_set.fingerprint, "num_prompts": len(prompt_set), "format": fmt,
-        "reward": reward_name,
-    }
+    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name, model,
+                          dtype=str(llm.model.dtype).removeprefix("torch."))
 
 
 def _now() -> str:
@@ -215,8 +198,7 @@ def _progress(use_tqdm: bool, total: int, done: int):
 def _generate(llm, todo: list[int], ids: list[list[int]], texts: list[str], params: SamplingParams,
               batch_size: int, writer: ShardWriter, bar) -> None:
     """Keeps the engine fed: requests are added as earlier ones finish, finished prompts go to the writer."""
-    engine = llm.engine
-    max_in_flight = max(1, IN_FLIGHT_FACTOR * engine.config.max_num_seqs // params.n)
+    max_in_flight = max(1, IN_FLIGHT_FACTOR * llm.config.max_num_seqs // params.n)
     tag, pending, in_flight, batch = uuid.uuid4().hex[:8], iter(todo), {}, []
     completions = tokens = 0
     start = time.perf_counter()
@@ -224,11 +206,11 @@ def _generate(llm, todo: list[int], ids: list[list[int]], texts: list[str], para
         while True:
             while len(in_flight) < max_in_flight and (i := next(pending, None)) is not None:
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=prompt_seed(params.seed, i))
-                engine.add_request(f"dataset-{tag}-{i}", ids[i], seeded, prompt=texts[i])
-                in_flight[f"dataset-{tag}-{i}"] = i
+                rid = llm.add_request(Prompt(ids[i], texts[i]), seeded, request_id=f"dataset-{tag}-{i}")
+                in_flight[rid] = i
             if not in_flight:
                 break
-            finished = engine.step()
+            finished = [out.output for out in llm.step() if out.finished and out.request_id in in_flight]
             for out in finished:
                 batch.append((in_flight.pop(out.request_id), out))
                 completions += len(out.outputs)
@@ -248,8 +230,8 @@ def _generate(llm, todo: list[int], ids: list[list[int]], texts: list[str], para
             writer.put(batch)
         raise
     finally:
-        if in_flight:
-            engine.abort_all()
+        for rid in in_flight:
+            llm.abort(rid)
 
 
 def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, reward_fn=None,
@@ -263,10 +245,12 @@ def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, 
     Message-list rows get the tokenizer's chat template; with `chat=True` string rows do too (as one user turn).
 
     Output: one row per completion (`prompt_index, prompt, sample_index, prompt_token_ids, completion,
-    completion_token_ids, logprobs, cumulative_logprob, finish_reason, weight_version`, and `reward` when
-    `reward_fn` is given) in shards `train-NNNNN.<output_format>` of `batch_size` prompts each, every sample
-    of a prompt in the same shard, each written atomically; `manifest.json` records the parameters, counts
-    and timings. The folder loads with `datasets.load_dataset(output_format, data_dir=output_dir)`.
+    completion_token_ids, logprobs, cumulative_logprob, finish_reason, weight_version`; a `reward` column
+    only when `reward_fn` is given) in shards `train-NNNNN.<output_format>` of `batch_size` prompts each, every
+    sample of a prompt in the same shard, each written atomically; `manifest.json` records the parameters,
+    counts and timings. The folder loads with `datasets.load_dataset(output_format, data_dir=output_dir)`.
+    Row order: a shard holds the prompts that finished first, so rows are not in prompt order; sort by
+    `(prompt_index, sample_index)` for that.
 
     Resume: with `resume=True` a rerun skips the prompts already in the shards (a killed run loses at most
     the prompts in flight). A folder written with other parameters is refused unless `overwrite=True`,

@@ -21,8 +21,37 @@ _SHARD = re.compile(r"^train-(\d+)\.(parquet|jsonl)$")
 _TEMP = re.compile(r"^\.train-\d+\.(parquet|jsonl)\.tmp$")
 
 
+_OVERWRITE = "--overwrite (overwrite=True) starts it again"
+
+
 class OutputDirError(ValueError):
     """The output folder cannot be used as asked (other parameters, foreign files, damaged shards)."""
+
+
+def model_id(model: str) -> str:
+    """How the manifest names a model: a local path resolved, anything else as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def dataset_config(prompt_set, params: dict, chat: bool, prompt_field: str, fmt: str, reward: str | None,
+                   model: str, dtype: str | None) -> dict:
+    """The parameters a dataset is generated with, as its manifest records them (`params`: the SamplingParams
+    as a dict; `dtype`: the weights', e.g. "float32"; None: not known yet, left out)."""
+    config = {"model": model_id(model), "dtype": dtype, "sampling_params": params, "chat": chat,
+              "prompt_field": prompt_field, "input_fingerprint": prompt_set.fingerprint,
+              "num_prompts": len(prompt_set), "format": fmt, "reward": reward}
+    return config if dtype is not None else {k: v for k, v in config.items() if k != "dtype"}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`name: old -> new` for every parameter that differs, sampling parameters by their own names
+    (`temperature: 1.0 -> 0.7`)."""
+    def flat(config: dict) -> dict:
+        return {**{k: v for k, v in config.items() if k != "sampling_params"}, **config.get("sampling_params", {})}
+
+    old, new = flat(old), flat(new)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
 
 
 def arrow_schema(with_reward: bool):
@@ -109,13 +138,14 @@ class ShardStore:
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OutputDirError(f"{path}: damaged ({e}); pass overwrite to start again") from None
+            raise OutputDirError(f"{path}: damaged ({e}); {_OVERWRITE}") from None
 
     def write_manifest(self, manifest: dict) -> None:
         _atomic_write(self.dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
 
     def check(self, config: dict, resume: bool, overwrite: bool) -> None:
-        """Refuses a folder this run must not write to; changes nothing."""
+        """Refuses a folder this run must not write to; changes nothing. `config` may hold some of the
+        manifest's fields only (those known before the model loads): the others are not compared."""
         if self.dir.exists() and not self.dir.is_dir():
             raise OutputDirError(f"output_dir {self.dir} exists and is not a folder")
         if overwrite:
@@ -124,21 +154,27 @@ class ShardStore:
         shards = self._shards()
         if manifest is None:
             if shards:
-                raise OutputDirError(f"{self.dir} holds {len(shards)} shard(s) but no {MANIFEST}; "
-                                     f"pass overwrite to replace them")
+                raise OutputDirError(f"{self.dir} holds {len(shards)} shard(s) but no {MANIFEST}; {_OVERWRITE}")
             return
-        old = manifest.get("config", {})
-        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
-            raise OutputDirError(f"{self.dir} was generated with other parameters ({details}); "
-                                 f"use another output folder or pass overwrite to start again")
+        recorded = manifest.get("config", {})
+        if changes := config_changes({k: recorded.get(k) for k in config}, config):
+            raise OutputDirError(f"{self.dir} was generated with other parameters ({'; '.join(changes)}): "
+                                 f"use another output folder, or {_OVERWRITE}")
         if not resume and shards:
-            raise OutputDirError(f"{self.dir} already holds {len(shards)} shard(s) and resume is off; "
-                                 f"pass overwrite to start again")
+            raise OutputDirError(f"{self.dir} already holds {len(shards)} shard(s) and resume is off; {_OVERWRITE}")
+
+    def finished(self, config: dict, n: int) -> DatasetStats | None:
+        """Checks the folder as `check` does; the stats of the dataset if it is already complete, else None."""
+        self.check(config, resume=True, overwrite=False)
+        manifest = self.read_manifest()
+        if not manifest or not manifest.get("complete"):
+            return None
+        stats = self.scan(config["num_prompts"], n)
+        return stats if len(stats.prompt_indices) == config["num_prompts"] else None
 
     def open(self, overwrite: bool) -> None:
-        """Creates the folder; drops temporary files of a killed run, and with `overwrite` every shard and the manifest."""
+        """Creates the folder; drops temporary files of a killed run, and with `overwrite` every shard and the
+        manifest."""
         self.dir.mkdir(parents=True, exist_ok=True)
         for p in self.dir.iterdir():
             if _TEMP.match(p.name) or (overwrite and (_SHARD.match(p.name) or p.name == MANIFEST)):
@@ -154,7 +190,7 @@ class ShardStore:
             try:
                 table = self._read_columns(path, names)
             except Exception as e:  # a shard written by something else, or edited
-                raise OutputDirError(f"{path}: cannot be read ({e}); pass overwrite to start again") from None
+                raise OutputDirError(f"{path}: cannot be read ({e}); {_OVERWRITE}") from None
             indices = table.column("prompt_index").to_pylist()
             counts = Counter(indices)
             if dup := sorted(set(counts) & stats.prompt_indices):

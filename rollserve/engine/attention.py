@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import cpu_ext
-from ..kernels.decode_attention import paged_decode_attention
-from ..kernels.kv_write import write_kv
-from ..kernels.prefill_attention import paged_prefill_attention
+from ..kernels.backend import AttentionOps
 from .kv_cache import PagedKVCache
 
 ATTENTION_NAME = "rollserve_paged"
@@ -23,6 +20,7 @@ ATTENTION_NAME = "rollserve_paged"
 @dataclass
 class PagedAttentionMetadata:
     kv_cache: PagedKVCache
+    ops: AttentionOps  # the torch references or the Triton kernels (kernels.backend)
     slot_mapping: torch.Tensor  # [num_tokens]
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks]
@@ -41,18 +39,17 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     meta = rollserve_meta
     k_cache, v_cache = meta.kv_cache.layer(module.layer_idx)
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H, D]
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    meta.ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     nd = meta.num_decodes
     parts = []
     if nd:
-        decode = cpu_ext.paged_decode_attention if cpu_ext.supports_decode(q, k_cache) else paged_decode_attention
-        parts.append(decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-                            sliding_window, softcap))
+        parts.append(meta.ops.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                     scale, sliding_window, softcap))
     if meta.prefill_query_lens:
-        parts.append(paged_prefill_attention(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_query_lens,
-                                             meta.prefill_context_lens, meta.prefill_block_tables, scale,
-                                             sliding_window, softcap))
+        parts.append(meta.ops.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_query_lens,
+                                      meta.prefill_context_lens, meta.prefill_block_tables, scale, sliding_window,
+                                      softcap))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, Hq, D]
     return out.unsqueeze(0), None
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
-from ..outputs import RequestOutput
+from ..outputs import StepOutput
 from .beam_search import BeamSearcher
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -45,7 +45,7 @@ class LLMEngine:
                              f"(one block of {config.block_size} tokens takes {bytes_per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, BaseRequest] = {}
         self.stats = EngineStats()
@@ -79,20 +79,26 @@ class LLMEngine:
             return f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {self.logits_size})"
         return None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None) -> None:
-        """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running)."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params, prompt: str | None = None,
+                    stream: bool = False) -> None:
+        """Queues a request; an invalid one raises `ValueError` and changes nothing (others keep running).
+
+        `stream`: `step()` reports the request's new tokens every step (not for beam search)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         problem = self.check_request(prompt_token_ids, params)
         if problem:
             raise ValueError(f"request {request_id!r}: {problem}")
         if getattr(params, "beam_width", None) is not None:  # BeamSearchParams
+            if stream:
+                raise ValueError("stream=True is not supported for beam search")
             request = BeamRequest(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
             self.requests[request_id] = request
             self.scheduler.add(request.first_beam())
             return
-        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, self.weight_version, stream)
         seq = Sequence(request_id, prompt_token_ids, params, num_samples=params.n)
+        seq.tracks_text = seq.tracks_text or stream
         if params.seed is not None:
             seq.generator = _seeded_generator(params.seed, 0)
         request.seqs.append(seq)
@@ -113,8 +119,8 @@ class LLMEngine:
     def count_generated_tokens(self, num_tokens: int) -> None:
         self.stats.num_generated_tokens += num_tokens
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one forward pass over everything scheduled; returns the requests that finished."""
+    def step(self) -> list[StepOutput]:
+        """Runs one forward pass over everything scheduled; returns what finished, and what streamed requests gained."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -144,7 +150,9 @@ class LLMEngine:
         logits = logits[:num_sampled]
         finished = []
         if beams:
-            finished = self.beam_searcher.process(logits[torch.tensor(beam_rows, device=logits.device)], beams)
+            rows = logits[torch.tensor(beam_rows, device=logits.device)]
+            finished = [StepOutput(o.request_id, [], True, o, self.weight_version)
+                        for o in self.beam_searcher.process(rows, beams)]
         if not targets:
             return finished
         if len(logit_rows) != num_sampled:
@@ -177,8 +185,8 @@ class LLMEngine:
         self.scheduler.fork(seq, children)
         return children
 
-    def _postprocess(self, seqs: list[Sequence], out) -> list[RequestOutput]:
-        finished = []
+    def _postprocess(self, seqs: list[Sequence], out) -> list[StepOutput]:
+        finished, streamed = [], {}
         tokens = out.token_ids.tolist()
         logprobs = out.logprobs.unbind(0)
         has_top = out.top_ids is not None
@@ -196,29 +204,34 @@ class LLMEngine:
                     seq.top_logprobs.append(top_lps[i])
                     seq.ranks.append(ranks[i])
             self.stats.num_generated_tokens += 1
-            if not self._check_stop(seq, token):
+            new_text = self._update_text(seq) if seq.tracks_text else ""
+            request = self.requests[seq.request_id]
+            if request.stream:
+                streamed[seq.request_id] = request
+            if not self._check_stop(seq, token, new_text):
                 continue
             self.scheduler.finish(seq)
-            request = self.requests[seq.request_id]
             request.num_finished += 1
             if request.num_finished == request.params.n:
                 del self.requests[seq.request_id]
-                finished.append(request.output(self.detokenize))
+                streamed.pop(seq.request_id, None)
+                finished.append(request.step_output(request.output(self.detokenize)))
+        for request in streamed.values():
+            deltas = request.deltas()
+            if deltas:
+                finished.append(StepOutput(request.request_id, deltas, False, None, deltas[0].weight_versions[0]))
         return finished
 
-    def _check_stop(self, seq: Sequence, token: int) -> bool:
+    def _check_stop(self, seq: Sequence, token: int, new_text: str) -> bool:
         params = seq.params
         at_limit = seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
         if seq.num_completion_tokens < params.min_tokens and not at_limit:
-            # EOS and stop ids were masked out by the sampler; stop strings are not looked for yet.
-            if params.stop:
-                self._update_text(seq)
-            return False
+            return False  # EOS and stop ids were masked out by the sampler; stop strings are not looked for yet
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif params.stop and self._stop_string(seq):
+        elif params.stop and self._stop_string(seq, new_text):
             seq.finish_reason = "stop"
         elif at_limit:
             seq.finish_reason = "length"
@@ -236,8 +249,7 @@ class LLMEngine:
         seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
         return new
 
-    def _stop_string(self, seq: Sequence) -> bool:
-        new = self._update_text(seq)
+    def _stop_string(self, seq: Sequence, new: str) -> bool:
         if not new:
             return False
         params, text = seq.params, seq.text
@@ -255,15 +267,15 @@ class LLMEngine:
         seq.stop_text_end = i + (len(stop) if params.include_stop_str_in_output else 0)
         return True
 
-    def abort_all(self) -> list[RequestOutput]:
+    def abort_all(self) -> list[StepOutput]:
         """Stops every request in flight, frees its blocks, returns what each had (finish_reason "abort")."""
         for seq in self.scheduler.abort_all():
             seq.finish_reason = seq.finish_reason or "abort"
-        outputs = [r.output(self.detokenize) for r in self.requests.values()]
+        outputs = [self._final(r) for r in self.requests.values()]
         self.requests.clear()
         return outputs
 
-    def abort_request(self, request_id: str):
+    def abort_request(self, request_id: str) -> StepOutput | None:
         """Stops one request, frees its blocks; returns what it had (finish_reason "abort"), None if unknown."""
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -271,7 +283,10 @@ class LLMEngine:
         for seq in request.unfinished_seqs():
             seq.finish_reason = seq.finish_reason or "abort"
             self.scheduler.finish(seq)
-        return request.output(self.detokenize)
+        return self._final(request)
+
+    def _final(self, request) -> StepOutput:
+        return request.step_output(request.output(self.detokenize))
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()

@@ -4,6 +4,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ..kernels.backend import attention_ops, choose_attention_backend
 from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
 from ..kernels.fused_linear import FusedProjections, find_groups
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
@@ -48,11 +49,12 @@ def _eval_mode(model):
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, attention_backend: str):
         register()
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device
+        self.attention_ops = attention_ops(choose_attention_backend(attention_backend, self.device, block_size))
         self.dtype = next(model.parameters()).dtype
         num_layers, num_kv_heads, head_dim = kv_cache_geometry(model.config)
         self._kv_shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
@@ -138,6 +140,7 @@ class ModelRunner:
             decode_context_lens = p + 1
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
+            ops=self.attention_ops,
             slot_mapping=slot_mapping,
             num_decodes=len(decodes),
             decode_block_tables=decode_tables,

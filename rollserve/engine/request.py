@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput
+from ..outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput, StepOutput
+from .deltas import final_delta, sample_delta
 from .sequence import BeamState, Sequence
 
 
@@ -29,12 +30,18 @@ class BaseRequest(ABC):
     def output(self, detokenize):
         """The request's result so far; `detokenize(token_ids, skip_special_tokens) -> str`."""
 
+    def step_output(self, output) -> StepOutput:
+        """The final `StepOutput` of this request."""
+        return StepOutput(self.request_id, [], True, output, self.weight_version)
+
 
 class Request(BaseRequest):
     """A sampling request: one sequence until its prompt is computed, then `params.n` of them."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, weight_version: int,
+                 stream: bool = False):
         super().__init__(request_id, prompt, prompt_token_ids, params, weight_version)
+        self.stream = stream  # report every step's new tokens, not only the final output
         self.seqs: list[Sequence] = []
         self.num_finished = 0
         self.prompt_logprobs: list[tuple] = []  # (targets, logprobs, top ids, top logprobs) per computed chunk
@@ -45,8 +52,25 @@ class Request(BaseRequest):
     def output(self, detokenize) -> RequestOutput:
         p = self.params
         outs = [_completion(seq, p, detokenize) for seq in sorted(self.seqs, key=lambda s: s.index)]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.weight_version,
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.first_token_version,
                              self._prompt_logprobs() if p.prompt_logprobs is not None else None)
+
+    @property
+    def first_token_version(self) -> int:
+        """The weight version of the request's first token (all samples start in the same step)."""
+        first = self.seqs[0].weight_versions if self.seqs else []
+        return first[0] if first else self.weight_version
+
+    def step_output(self, output: RequestOutput) -> StepOutput:
+        """The final `StepOutput`: the output and, when streamed, what each sample has not sent yet."""
+        by_index = {seq.index: seq for seq in self.seqs}
+        deltas = [final_delta(by_index.get(c.index), c) for c in output.outputs] if self.stream else []
+        version = deltas[0].weight_versions[0] if deltas and deltas[0].weight_versions else output.weight_version
+        return StepOutput(self.request_id, deltas, True, output, version)
+
+    def deltas(self) -> list:
+        """What each unfinished sample gained since its last delta."""
+        return [d for seq in self.seqs if not seq.is_finished and (d := sample_delta(seq)) is not None]
 
     def _prompt_logprobs(self) -> list:
         out: list = [None]

@@ -62,11 +62,14 @@ class Sequence:
         self.top_logprobs: list = []
         self.ranks: list = []
         self.weight_versions: list[int] = []
-        # Incremental detokenisation (only for requests with stop strings).
+        # Incremental detokenisation, for requests with stop strings or streamed ones.
+        self.tracks_text = bool(getattr(params, "stop", None))
         self.text = ""
         self.prefix_offset = max(0, len(prompt_token_ids) - 5)
         self.read_offset = len(prompt_token_ids)
         self.stop_text_end: int | None = None  # where `text` is cut when a stop string ended it
+        self.num_streamed_tokens = 0  # completion tokens and characters of `text` already streamed
+        self.num_streamed_chars = 0
         # A request that wants prompt logprobs computes its whole prompt (no prefix-cache hits) until it has them.
         self.skip_prefix_cache = getattr(params, "prompt_logprobs", None) is not None
         self.num_prompt_logprobs = 0  # prompt positions whose next-token logprob has been recorded
@@ -106,7 +109,9 @@ class Sequence:
         child.num_hashed_blocks = self.num_hashed_blocks
         for name in ("logprobs", "top_ids", "top_logprobs", "ranks", "weight_versions"):
             setattr(child, name, list(getattr(self, name)))
-        child.text, child.prefix_offset, child.read_offset = self.text, self.prefix_offset, self.read_offset
+        child.tracks_text, child.text = self.tracks_text, self.text
+        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
+        child.num_streamed_tokens, child.num_streamed_chars = self.num_streamed_tokens, self.num_streamed_chars
         child.skip_prefix_cache = self.skip_prefix_cache
         return child
 

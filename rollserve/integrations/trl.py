@@ -16,11 +16,11 @@ at each sync every rank takes part in the gathers (ZeRO-3, FSDP2) and fills its 
 
 import copy
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..config import resolve_dtype
+from ..config import EngineConfig, resolve_dtype
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 
@@ -31,49 +31,37 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 
 @dataclass
-class RollserveConfig:
+class RollserveConfig(EngineConfig):
     """How the rollserve engine inside a TRL trainer is built and used.
 
-    zero_copy: run the engine on the trainer's own parameters, so a weight sync only
-        advances the weight version. None (default): when possible (a plain
-        `PreTrainedModel`, not PEFT, no DeepSpeed or FSDP plan in the trainer's
-        accelerator, and `dtype` the trainer's);
-        True: required (an error says why it is not possible); False: never (the
-        engine holds a copy, updated in place from the weight-sync sources each step).
-    dtype: the engine's dtype; "auto" = the trainer model's parameter dtype.
-    kv_cache_memory: bytes given to the paged KV cache.
-    max_num_seqs / max_num_batched_tokens / block_size / enable_prefix_caching /
-        max_model_len: as in `rollserve.LLM`.
-    sleep_mode: free the KV cache after each generation, while the trainer steps,
-        and restore it before the next (`LLM.sleep` / `LLM.wake_up`).
-    sleep_level: 1 = KV cache; 2 = KV cache and the engine's copy of the weights
-        (moved to host memory). In zero-copy mode the weights are the trainer's and never move.
-    seed: sampling seed of the engine; None = the trainer's `args.seed` + process index.
+    The engine fields are `rollserve.EngineConfig`'s, with its defaults (`dtype="auto"` is the
+    trainer model's parameter dtype); `seed` and the fields below are the trainer's own.
     """
 
-    zero_copy: bool | None = None
-    dtype: str | torch.dtype = "auto"
-    kv_cache_memory: int = 1024**3
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
-    sleep_mode: bool = False
-    sleep_level: int = 1
-    seed: int | None = None
+    seed: int | None = field(default=None, metadata={
+        "help": "sampling seed of the engine; None: the trainer's args.seed + the process index"})
+    zero_copy: bool | None = field(default=None, metadata={
+        "help": "run the engine on the trainer's own parameters, so a weight sync only advances the weight "
+                "version. None: when possible (a plain PreTrainedModel, not PEFT, no DeepSpeed or FSDP plan in "
+                "the trainer's accelerator, and dtype the trainer's); True: required (an error says why it is "
+                "not possible); False: never (the engine holds a copy, updated in place each step)"})
+    sleep_mode: bool = field(default=False, metadata={
+        "help": "free the KV cache after each generation, while the trainer steps, and restore it before the "
+                "next (LLM.sleep / LLM.wake_up)"})
+    sleep_level: int = field(default=1, metadata={
+        "help": "1: the KV cache; 2: the KV cache and the engine's copy of the weights (moved to host memory). "
+                "In zero-copy mode the weights are the trainer's and never move"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.zero_copy not in (None, True, False):
             raise ValueError(f"RollserveConfig.zero_copy={self.zero_copy!r} is invalid: must be None, True or False")
-        resolve_dtype(self.dtype)
         if not isinstance(self.sleep_mode, bool):
             raise ValueError(f"RollserveConfig.sleep_mode={self.sleep_mode!r} is invalid: must be a bool")
         if self.sleep_level not in (1, 2) or isinstance(self.sleep_level, bool):
             raise ValueError(f"RollserveConfig.sleep_level={self.sleep_level!r} is invalid: must be 1 or 2")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise ValueError(f"RollserveConfig.seed={self.seed!r} is invalid: must be None or an int >= 0")
-        # The remaining fields are checked by rollserve's EngineConfig when the engine is built.
 
 
 def _is_peft(model) -> bool:
@@ -195,11 +183,9 @@ class RollserveGeneration:
             raise ValueError(f"RollserveConfig.zero_copy=True is not possible: {obstacle}")
         self.zero_copy = config.zero_copy is not False and obstacle is None
         module = model if self.zero_copy else _engine_model(model, dtype, accelerator.device)
-        self.llm = LLM(module, tokenizer=tokenizer, block_size=config.block_size,
-                       kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
-                       max_num_batched_tokens=config.max_num_batched_tokens,
-                       enable_prefix_caching=config.enable_prefix_caching, max_model_len=config.max_model_len,
-                       seed=config.seed if config.seed is not None else seed)
+        engine_args = {f.name: getattr(config, f.name) for f in fields(EngineConfig)}
+        engine_args.update(dtype=dtype, seed=seed if config.seed is None else config.seed)
+        self.llm = LLM(module, tokenizer=tokenizer, **engine_args)
         self._synced_once = self.zero_copy
         self._sampling = dict(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0 if min_p is None else min_p,
@@ -380,23 +366,13 @@ class RolloutFunc:
         if trainer.state.global_step != self._synced_step:
             self.backend.sync_weights()
             self._synced_step = trainer.state.global_step
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        prompt_ids = [_tokenize(tokenizer, p, i) for i, p in enumerate(prompts)]
+        inputs = self.backend.llm.inputs
+        prompt_ids = [inputs.encode(p, f"prompts[{i}]").token_ids for i, p in enumerate(prompts)]
         training = trainer.model.training
         n = trainer.num_generations if training else trainer.num_generations_eval
         prompt_ids, completion_ids, logprobs, _ = self.backend.generate(prompt_ids, None, n)
         sampled = [[lp[0] for lp in seq] for seq in logprobs] if logprobs is not None else None
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": sampled}
-
-
-def _tokenize(tokenizer, prompt, i: int) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer(prompt).input_ids
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    raise ValueError(f"prompts[{i}] must be a string or a conversation (a list of message dicts), "
-                     f"got {type(prompt).__name__}")
 
 
 def rollout_func(config: RollserveConfig | None = None) -> RolloutFunc:

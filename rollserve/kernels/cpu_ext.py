@@ -46,7 +46,7 @@ def extension():
         return None
 
 
-def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+def paged_decode_attention_ext(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
                            softcap=None):
     """`decode_attention.paged_decode_attention` through the extension; see `supports_decode`."""
     return extension().paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, float(scale),
@@ -56,6 +56,15 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
 def supports_decode(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return (query.device.type == "cpu" and query.dtype in DTYPES and k_cache.is_contiguous()
             and extension() is not None)
+
+
+def decode_or_reference(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                        softcap=None):
+    """The extension's decode attention where it applies, the torch reference otherwise (float64, ...)."""
+    from .decode_attention import paged_decode_attention
+
+    decode = paged_decode_attention_ext if supports_decode(query, k_cache) else paged_decode_attention
+    return decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ import time
 import weakref
 from urllib.parse import urlparse
 
+import msgspec
 import zmq
 
 from . import protocol
+from ..inputs import as_prompt_list
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
+from ..weight_sync.wire import RemoteError, check_update_args, kind, remote_error
 
-_TERMINAL = ("reply", "result", "done", "error")
+_PROGRESS = (protocol.Accepted, protocol.Delta)  # every other reply is the last one to its request
 _TRANSPORTS = ("auto", "shm", "zmq", "distributed")
 
 
@@ -73,18 +76,16 @@ class RemoteLLM:
                 return self._pool.pop()
         return _Conn(self._context, self.address)
 
-    def _exchange(self, conn: _Conn, header: dict, frames=()):
-        """Sends one message; yields every reply to it until a terminal one. Pings the server while it is silent.
+    def _exchange(self, conn: _Conn, request: protocol.Request, frames=()):
+        """Sends one request; yields every reply to it until the last one. Pings the server while it is silent.
 
         The server answers each client's messages in order, and a message whose answer comes later (generate,
         pause) is first acknowledged with the server's id; so a ping answered before the message is a lost
         message, and a ping answered by another server id is a restarted server.
         """
         msg_id = conn.msg_id = next(self._ids)
-        header = {**header, "id": msg_id}
-        if self.api_key is not None:
-            header["api_key"] = self.api_key
-        conn.sock.send_multipart([protocol.pack(header), *frames], copy=False)
+        request = msgspec.structs.replace(request, id=msg_id, api_key=self.api_key)
+        conn.sock.send_multipart([protocol.REQUESTS.encode(request), *frames], copy=False)
         ping_every = min(1.0, self.timeout / 4)
         last_heard, pings, server_id = time.monotonic(), set(), None
         while True:
@@ -92,55 +93,57 @@ class RemoteLLM:
                 silent = time.monotonic() - last_heard
                 if silent >= self.timeout:
                     raise TimeoutError(f"no answer from the rollserve server at {self.address} for {silent:.1f} s "
-                                       f"(timeout={self.timeout} s) to {header['type']!r}; is it running?")
+                                       f"(timeout={self.timeout} s) to {kind(request)!r}; is it running?")
                 ping = next(self._ids)
                 pings.add(ping)
-                conn.sock.send(protocol.pack({"type": "ping", "id": ping}))
+                conn.sock.send(protocol.REQUESTS.encode(protocol.Ping(id=ping)))
                 continue
-            reply = protocol.unpack(conn.sock.recv())
+            reply = protocol.REPLIES.decode(conn.sock.recv())
             last_heard = time.monotonic()
-            if reply.get("id") in pings:
-                if server_id is None or reply.get("server_id") != server_id:
-                    raise ConnectionError(f"the rollserve server at {self.address} lost {header['type']!r} "
+            if reply.id in pings:
+                if server_id is None or not isinstance(reply, protocol.Pong) or reply.server_id != server_id:
+                    raise ConnectionError(f"the rollserve server at {self.address} lost {kind(request)!r} "
                                           f"(it restarted, or the message never reached it); try again")
                 continue
-            if reply.get("id") != msg_id:
+            if reply.id != msg_id:
                 continue  # a late answer to an abandoned call
-            if reply["type"] == "error":
-                protocol.raise_error(reply, f"rollserve server at {self.address}")
-            if reply["type"] == "accepted":
-                server_id = reply["server_id"]
+            if isinstance(reply, protocol.Accepted):
+                server_id = reply.server_id
                 continue
             yield reply
-            if reply["type"] in _TERMINAL:
+            if not isinstance(reply, _PROGRESS):
                 return
 
-    def _call(self, header: dict, frames=()):
-        """Yields the replies to one message; the socket goes back to the pool only after a clean exchange."""
+    def _call(self, request: protocol.Request, frames=()):
+        """Yields the replies to one request (raising the server's error as its exception); the socket goes back
+        to the pool only after a clean exchange."""
         conn = self._checkout()
         clean = False
         try:
-            for reply in self._exchange(conn, header, frames):
-                clean = reply["type"] in _TERMINAL  # the caller may stop reading after it
+            for reply in self._exchange(conn, request, frames):
+                clean = not isinstance(reply, _PROGRESS)  # the caller may stop reading after it
+                if isinstance(reply, protocol.Error):
+                    raise remote_error(reply, f"rollserve server at {self.address}")
                 yield reply
-        except (ValueError, TypeError, PermissionError, NotImplementedError, protocol.RemoteError):
-            clean = True  # the server answered: the socket is in a known state
-            raise
         finally:
             if clean:
                 with self._lock:
                     self._pool.append(conn)
             else:  # timed out, interrupted or abandoned: stop the request if it still runs, drop the socket
-                if header["type"] == "generate":
+                if isinstance(request, protocol.Generate):
                     try:
-                        conn.sock.send(protocol.pack({"type": "abort", "target": conn.msg_id}), zmq.NOBLOCK)
+                        conn.sock.send(protocol.REQUESTS.encode(protocol.Abort(target=conn.msg_id)), zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
-                conn.sock.close(linger=100 if header["type"] == "generate" else 0)
+                conn.sock.close(linger=100 if isinstance(request, protocol.Generate) else 0)
 
-    def _simple(self, header: dict) -> dict:
-        for reply in self._call(header):
-            if reply["type"] in _TERMINAL:
+    def _simple(self, request: protocol.Request, answer: type[protocol.Reply], frames=()):
+        """The one reply to `request`, which must be an `answer`."""
+        for reply in self._call(request, frames):
+            if not isinstance(reply, _PROGRESS):
+                if not isinstance(reply, answer):
+                    raise RemoteError(f"the rollserve server at {self.address} answered {kind(request)!r} with "
+                                      f"{kind(reply)!r}, expected {answer.__struct_config__.tag!r}")
                 return reply
         raise RuntimeError("unreachable")
 
@@ -148,9 +151,9 @@ class RemoteLLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """As `LLM.generate` (`use_tqdm` is accepted and ignored): one `RequestOutput` per prompt, in order."""
-        prompts = _normalize_prompts(prompts)
-        return self._generate({"type": "generate", "prompts": prompts,
-                               "params": _params(sampling_params, len(prompts), SamplingParams)})
+        prompts = _prompt_list(prompts)
+        return self._generate(protocol.Generate(prompts=prompts,
+                                                params=_params(sampling_params, len(prompts), SamplingParams)))
 
     def chat(self, conversations, sampling_params=None, use_tqdm: bool = True,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
@@ -158,22 +161,19 @@ class RemoteLLM:
         if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         conversations = [list(c) if isinstance(c, tuple) else c for c in conversations]
-        return self._generate({"type": "generate", "conversations": conversations,
-                               "params": _params(sampling_params, len(conversations), SamplingParams),
-                               "chat_template_kwargs": chat_template_kwargs})
+        return self._generate(protocol.Generate(conversations=conversations,
+                                                params=_params(sampling_params, len(conversations), SamplingParams),
+                                                chat_template_kwargs=chat_template_kwargs))
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = True):
         """As `LLM.beam_search`: one `BeamSearchOutput` per prompt, in order."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        prompts = _normalize_prompts(prompts)
-        return self._generate({"type": "generate", "prompts": prompts, "params": protocol.params_to_dict(params)})
+        prompts = _prompt_list(prompts)
+        return self._generate(protocol.Generate(prompts=prompts, params=protocol.params_to_dict(params)))
 
-    def _generate(self, header: dict) -> list:
-        for reply in self._call(header):
-            if reply["type"] == "result":
-                return [protocol.output_from_dict(o) for o in reply["outputs"]]
-        raise RuntimeError("unreachable")
+    def _generate(self, request: protocol.Generate) -> list:
+        return [protocol.output_from_dict(o) for o in self._simple(request, protocol.Result).outputs]
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None):
         """Yields `RequestOutput`s holding only the tokens (and text) new since the previous one.
@@ -181,21 +181,19 @@ class RemoteLLM:
         The last one of each sample has its `finish_reason`. Closing the iterator early aborts the request.
         """
         params = _params(sampling_params, 1, SamplingParams)
-        header = {"type": "generate", "prompts": _normalize_prompts(prompt)[:1], "params": params, "stream": True}
-        for reply in self._call(header):
-            if reply["type"] == "delta":
+        request = protocol.Generate(prompts=_prompt_list(prompt)[:1], params=params, stream=True)
+        for reply in self._call(request):
+            if isinstance(reply, protocol.Delta):
                 yield _delta_output(reply)
 
     # -- weights ---------------------------------------------------------------------
     def update_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
         """As `LLM.update_weights`, across the process boundary; returns the server's new weight version.
 
-        A refused update raises the server's `ValueError`/`TypeError` and leaves its weights and version untouched.
+        A refused update raises the server's `WeightUpdateError` (whatever the transport) and leaves its weights
+        and version untouched.
         """
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise TypeError(f"version must be an int or None, got {type(version).__name__}")
-        if not isinstance(require_all, bool):
-            raise TypeError(f"require_all must be a bool, got {type(require_all).__name__}")
+        check_update_args(version, require_all)
         if hasattr(named_tensors, "items"):
             named_tensors = named_tensors.items()
         transport = self._transport()
@@ -210,15 +208,14 @@ class RemoteLLM:
             with self._sender_lock:
                 return self._shm_sender().send(named_tensors, version=version, require_all=require_all)
         entries, frames = protocol.tensors_to_frames(named_tensors)
-        total, limit = sum(len(f) for f in frames), self.info().get("max_update_bytes")
-        if isinstance(limit, int) and total > limit:
+        total, limit = sum(len(f) for f in frames), self.info()["max_update_bytes"]
+        if total > limit:
             raise ValueError(f"update_weights: the tensors hold {total} bytes, more than the server's "
                              f"max_update_bytes={limit} for one update over ZMQ; nothing was sent. Use "
                              f"weight_transport='shm' (same host) or init_weight_group(), or raise the server's "
                              f"--max-update-bytes")
-        for reply in self._call({"type": "update_weights", "tensors": entries, "version": version,
-                                 "require_all": require_all}, frames):
-            return reply["version"]
+        request = protocol.UpdateWeights(tensors=entries, version=version, require_all=require_all)
+        return self._simple(request, protocol.Version, frames).version
 
     def _transport(self) -> str:
         if self.weight_transport != "auto":
@@ -263,13 +260,14 @@ class RemoteLLM:
             self._sender_box[1] = None
             if init_method is None:
                 init_method = f"tcp://{self._local_address()}:{_free_port()}"
-            self._simple({"type": "init_weight_group", "init_method": init_method, "rank": 1, "world_size": 2,
-                          "timeout_s": float(timeout_s), "connect_timeout_s": self.timeout})
+            self._simple(protocol.InitWeightGroup(init_method=init_method, rank=1, world_size=2,
+                                                  timeout_s=float(timeout_s), connect_timeout_s=self.timeout),
+                         protocol.WeightGroupState)
             try:
                 group = weight_sync_group(init_method, 0, 2, timeout_s, connect_timeout_s=self.timeout)
             except Exception as e:
                 try:
-                    self._simple({"type": "close_weight_group"})
+                    self._simple(protocol.CloseWeightGroup(), protocol.WeightGroupState)
                 except Exception:  # noqa: BLE001 - the join failure is the error to report
                     pass
                 raise RuntimeError(f"could not build the weight group with the rollserve server at {self.address} "
@@ -286,7 +284,7 @@ class RemoteLLM:
             if sender is None:
                 return
             try:
-                self._simple({"type": "close_weight_group"})
+                self._simple(protocol.CloseWeightGroup(), protocol.WeightGroupState)
             finally:
                 _close_group(sender)
 
@@ -304,11 +302,11 @@ class RemoteLLM:
 
     @property
     def weight_version(self) -> int:
-        return self._simple({"type": "weight_version"})["version"]
+        return self._simple(protocol.WeightVersion(), protocol.Version).version
 
     def weights_fingerprint(self) -> str:
         """As `LLM.weights_fingerprint`: compare with the trainer's `weights_fingerprint(...)`."""
-        return self._simple({"type": "weights_fingerprint"})["fingerprint"]
+        return self._simple(protocol.WeightsFingerprint(), protocol.Fingerprint).fingerprint
 
     # -- tokenizer --------------------------------------------------------------------
     def get_tokenizer(self):
@@ -338,7 +336,7 @@ class RemoteLLM:
     def _fetch_tokenizer(self, auto_tokenizer):
         import tempfile
 
-        files = self._simple({"type": "tokenizer_files"})["files"]
+        files = self._simple(protocol.TokenizerFiles(), protocol.Files).files
         with tempfile.TemporaryDirectory(prefix="rollserve-tokenizer-") as folder:
             for name, data in files.items():
                 if os.path.basename(name) != name or name in ("", ".", ".."):
@@ -351,29 +349,29 @@ class RemoteLLM:
     def pause(self, mode: str = "wait") -> None:
         """Stops generation. `wait`: returns once requests in flight finished; `abort`: ends them (finish_reason
         "abort"); `keep`: freezes them, and they continue after `resume()` (with new weights if updated)."""
-        self._simple({"type": "pause", "mode": mode})
+        self._simple(protocol.Pause(mode=mode), protocol.Ok)
 
     def resume(self) -> None:
-        self._simple({"type": "resume"})
+        self._simple(protocol.Resume(), protocol.Ok)
 
     def sleep(self, level: int = 1) -> None:
-        self._simple({"type": "sleep", "level": level})
+        self._simple(protocol.Sleep(level=level), protocol.Ok)
 
     def wake_up(self) -> None:
-        self._simple({"type": "wake_up"})
+        self._simple(protocol.WakeUp(), protocol.Ok)
 
     def reset_prefix_cache(self) -> None:
-        self._simple({"type": "reset_prefix_cache"})
+        self._simple(protocol.ResetPrefixCache(), protocol.Ok)
 
     def health(self) -> dict:
-        return self._simple({"type": "health"})
+        return protocol.fields(self._simple(protocol.Health(), protocol.HealthReport))
 
     def stats(self) -> dict:
-        return self._simple({"type": "stats"})["stats"]
+        return self._simple(protocol.Stats(), protocol.StatsReport).stats
 
     def info(self) -> dict:
         """The server's addresses, host name, model name and limits."""
-        return self._simple({"type": "hello"})
+        return protocol.fields(self._simple(protocol.Hello(), protocol.Info))
 
     def close(self) -> None:
         """Closes every socket; calls still in flight on other threads fail."""
@@ -410,14 +408,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _normalize_prompts(prompts) -> list:
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-        return [list(prompts) if isinstance(prompts, tuple) else prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
-    return [list(p) if isinstance(p, tuple) else p for p in prompts]
-
-
 def _params(params, count: int, cls):
     if params is None:
         params = cls()
@@ -433,11 +423,15 @@ def _params(params, count: int, cls):
     return protocol.params_to_dict(params)
 
 
-def _delta_output(reply: dict) -> RequestOutput:
+def _delta_output(reply: protocol.Delta) -> RequestOutput:
     outs = [CompletionOutput(index=d["index"], text=d.get("text", ""), token_ids=d["token_ids"],
                              logprobs=d.get("logprobs"), cumulative_logprob=None,
                              finish_reason=d.get("finish_reason"), stop_reason=d.get("stop_reason"),
                              top_logprobs=d.get("top_logprobs"), weight_versions=d.get("weight_versions"))
-            for d in reply["outputs"]]
-    return RequestOutput(str(reply["index"]), None, [], outs)
+            for d in reply.outputs]
+    return RequestOutput(str(reply.index), None, [], outs, reply.weight_version)
 
+
+def _prompt_list(prompts) -> list:
+    """As `LLM`: one prompt or a list of them (tuples become lists for the wire)."""
+    return [list(p) if isinstance(p, tuple) else p for p in as_prompt_list(prompts)]

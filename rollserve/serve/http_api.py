@@ -4,7 +4,9 @@
 logprobs, seed, stream over SSE; vLLM-style extensions: top_k, min_p, repetition_penalty,
 min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, and
 `return_token_ids` for `prompt_token_ids` / `token_ids` / `weight_versions` in each choice),
-`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text). Control: `POST /control/pause`
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text). A request's `"model"` must be one of
+the served names (`--served-model-name`, aliases allowed; absent: the first), or it gets a 404 as from
+OpenAI and vLLM; responses carry the first name. Control: `POST /control/pause`
 (`{"mode": "wait"|"abort"|"keep"}`), `/control/resume`, `/control/reset_prefix_cache`,
 `/control/sleep` (`{"level": 1}`), `/control/wake_up` — these need the API key, and are off
 without one. With an API key, generation needs it too (`Authorization: Bearer KEY`).
@@ -14,6 +16,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import logging
 import socket
 import threading
 import time
@@ -21,6 +24,11 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from . import protocol
+
+ACCESS_LOG = logging.getLogger("rollserve.access")
+_USAGE = "rollserve.usage"  # where a generation request's scope holds its token counts for the access log
 
 _EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                "include_stop_str_in_output", "skip_special_tokens", "presence_penalty", "frequency_penalty", "seed")
@@ -55,6 +63,14 @@ def _sampling(body: dict, max_tokens_field: str, logprobs, default_max_tokens) -
     return params
 
 
+def _check_model(body: dict, names: tuple[str, ...]) -> None:
+    model = body.get("model")
+    if model is not None and model not in names:
+        served = ", ".join(repr(n) for n in names)
+        raise HTTPError(404, f"The model {model!r} does not exist: this server serves {served} (GET /v1/models)",
+                        "model", kind="NotFoundError")
+
+
 class _Tokens:
     """Token id -> its text, for logprobs (built once, on the core loop, which owns the tokenizer)."""
 
@@ -64,7 +80,7 @@ class _Tokens:
     async def get(self) -> list[str]:
         if self.table is None:
             tok = self.server.llm.tokenizer
-            size = self.server.llm.engine.logits_size
+            size = self.server.llm.logits_size
             build = (lambda: [tok.decode([i]) for i in range(size)]) if tok is not None else (
                 lambda: [f"<{i}>" for i in range(size)])
             self.table = await asyncio.wrap_future(self.server.call(build))
@@ -101,12 +117,12 @@ def build_app(server) -> FastAPI:
     async def on_http_error(request, exc: HTTPError):
         return _error(exc.status, str(exc), exc.param, exc.kind)
 
-    async def submit(header: dict):
+    async def submit(request: protocol.Generate):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         send = lambda m: loop.call_soon_threadsafe(queue.put_nowait, m)  # noqa: E731
         key = ("http", next(keys))
         try:
-            job = await asyncio.wrap_future(server.call(lambda: server.start_job(header, send, key)))
+            job = await asyncio.wrap_future(server.call(lambda: server.start_job(request, send, key)))
         except (ValueError, TypeError) as e:
             raise HTTPError(400, str(e)) from None
         return job, queue
@@ -115,52 +131,57 @@ def build_app(server) -> FastAPI:
         if job.remaining:
             server.call(lambda: server.abort_job(job))
 
-    async def run(request: Request, header: dict, shape):
-        check_generation_key(request)
-        header["stream"] = bool(header.get("stream"))
-        job, queue = await submit(header)
+    async def read_generation(request: Request) -> dict:
+        check_generation_key(request)  # first: without the key, not even the served names are told
+        body = await read_json(request)
+        _check_model(body, server.model_names)
+        return body
+
+    async def run(request: Request, generate: protocol.Generate, shape):
+        job, queue = await submit(generate)
+        request.scope[_USAGE] = shape.usage
         table = await tokens.get() if shape.logprobs is not None else None
-        if header["stream"]:
+        if generate.stream:
             return StreamingResponse(_sse(job, queue, shape, table, abort), media_type="text/event-stream")
         try:
             msg = await queue.get()
         except asyncio.CancelledError:
             abort(job)
             raise
-        if msg["type"] == "error":
-            return _error(500, msg["message"], kind="server_error")
-        return JSONResponse(shape.response(job, msg["outputs"], table))
+        if isinstance(msg, protocol.Error):
+            return _error(500, msg.message, kind="server_error")
+        return JSONResponse(shape.response(job, msg.outputs, table))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
+        body = await read_generation(request)
         prompt = body.get("prompt")
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise HTTPError(400, "prompt must be a string, a list of token ids, or a non-empty list of those", "prompt")
         logprobs = body.get("logprobs")
-        header = {"type": "generate", "prompts": prompt, "params": _sampling(body, "max_tokens", logprobs, 16),
-                  "stream": body.get("stream")}
-        return await run(request, header, _Shape("text_completion", server.model_name, body, logprobs))
+        generate = protocol.Generate(prompts=prompt, params=_sampling(body, "max_tokens", logprobs, 16),
+                                     stream=bool(body.get("stream")))
+        return await run(request, generate, _Shape("text_completion", server.model_names[0], body, logprobs))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_json(request)
+        body = await read_generation(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise HTTPError(400, "messages must be a non-empty list of message objects", "messages")
         logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
-        header = {"type": "generate", "conversations": [messages], "stream": body.get("stream"),
-                  "params": _sampling(body, "max_completion_tokens", logprobs, None),
-                  "chat_template_kwargs": body.get("chat_template_kwargs")}
-        return await run(request, header, _Shape("chat.completion", server.model_name, body, logprobs))
+        generate = protocol.Generate(conversations=[messages], stream=bool(body.get("stream")),
+                                     params=_sampling(body, "max_completion_tokens", logprobs, None),
+                                     chat_template_kwargs=body.get("chat_template_kwargs"))
+        return await run(request, generate, _Shape("chat.completion", server.model_names[0], body, logprobs))
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_generation_key(request)
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                            "owned_by": "rollserve", "max_model_len": server.llm.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "rollserve",
+                                            "max_model_len": server.llm.max_model_len} for name in server.model_names]}
 
     @app.get("/health")
     async def health():
@@ -216,6 +237,7 @@ class _Shape:
         self.n = body.get("n") or 1
         self.return_ids = bool(body.get("return_token_ids"))
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.usage: dict = {}  # filled once the response is complete (a stream: at its end, or when cut)
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -225,7 +247,8 @@ class _Shape:
     def response(self, job, outputs: list[dict], table) -> dict:
         choices = [self._choice(i, out, c, table, final=True) for i, out in enumerate(outputs) for c in out["outputs"]]
         completion = sum(len(c["token_ids"]) for out in outputs for c in out["outputs"])
-        return {**self._head(self.kind), "choices": choices, "usage": _usage(job, completion)}
+        self.usage.update(_usage(job, completion))
+        return {**self._head(self.kind), "choices": choices, "usage": self.usage}
 
     def chunk(self, i: int, c: dict, table) -> dict:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
@@ -268,7 +291,7 @@ class _Shape:
 
 
 def _usage(job, completion_tokens: int) -> dict:
-    prompt = sum(len(ids) for _, ids, _ in job.requests)
+    prompt = sum(len(p.token_ids) for p, _ in job.requests)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
@@ -282,21 +305,55 @@ async def _sse(job, queue, shape: _Shape, table, abort):
                                                    "logprobs": None, "finish_reason": None}]})
         while True:
             msg = await queue.get()
-            if msg["type"] == "error":
-                yield _event({"error": {"message": msg["message"], "type": "server_error", "code": 500}})
+            if isinstance(msg, protocol.Error):
+                yield _event({"error": {"message": msg.message, "type": "server_error", "code": 500}})
                 return
-            if msg["type"] == "done":
+            if isinstance(msg, protocol.Done):
                 break
-            for c in msg["outputs"]:
+            for c in msg.outputs:
                 completion += len(c["token_ids"])
                 if c.get("text") or c.get("finish_reason") or shape.logprobs is not None or shape.return_ids:
-                    yield _event(shape.chunk(msg["index"], c, table))
+                    yield _event(shape.chunk(msg.index, c, table))
+        shape.usage.update(_usage(job, completion))
         if shape.include_usage:
             yield _event({**shape._head("chat.completion.chunk" if shape.chat else "text_completion"), "choices": [],
-                          "usage": _usage(job, completion)})
+                          "usage": shape.usage})
         yield "data: [DONE]\n\n"
     finally:
+        shape.usage.update(_usage(job, completion))
         abort(job)
+
+
+class AccessLog:
+    """ASGI middleware: one `rollserve.access` log line per HTTP request, once its response is sent (a stream:
+    at its end), e.g. `127.0.0.1:51234 "POST /v1/completions" 200 prompt_tokens=5 completion_tokens=16 0.412s`."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500  # 500 unless a response starts
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            ACCESS_LOG.info(_access_line(scope, status, time.perf_counter() - start))
+
+
+def _access_line(scope, status: int, elapsed_s: float) -> str:
+    host, port = scope.get("client") or ("-", 0)
+    usage = scope.get(_USAGE)
+    tokens = (f" prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}"
+              if usage else "")
+    return f'{host}:{port} "{scope["method"]} {scope["path"]}" {status}{tokens} {elapsed_s:.3f}s'
 
 
 def _event(obj: dict) -> str:
@@ -331,7 +388,7 @@ def _prometheus(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_http(server, host: str, port: int):
+def start_http(server, host: str, port: int, access_log: bool = True):
     """Starts uvicorn in a daemon thread; returns (uvicorn server, "http://host:port") once it accepts."""
     import uvicorn
 
@@ -343,8 +400,9 @@ def start_http(server, host: str, port: int):
         sock.close()
         raise ValueError(f"cannot bind the HTTP front to {host}:{port}: {e}") from None
     sock.listen(2048)
-    http = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=2))
+    app = build_app(server)
+    http = uvicorn.Server(uvicorn.Config(AccessLog(app) if access_log else app, log_level="warning",
+                                         access_log=False, timeout_graceful_shutdown=2))  # ours, with tokens
     threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="rollserve-http", daemon=True).start()
     deadline = time.monotonic() + 60
     while not http.started:

@@ -17,8 +17,10 @@ Once ready, the process prints one line `ROLLSERVE READY {json addresses}`.
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hmac
 import json
+import logging
 import os
 import queue
 import secrets
@@ -31,8 +33,10 @@ import traceback
 
 import zmq
 
-from . import protocol
+from ..config import engine_args_from
+from . import options, protocol
 from .jobs import Job, RequestEncoder, unstarted_output
+from ..weight_sync.wire import PROTOCOL, check_positive, failure, kind
 
 CONTROL = {"update_weights", "pause", "resume", "sleep", "wake_up", "reset_prefix_cache", "init_weight_group",
            "close_weight_group"}
@@ -116,16 +120,24 @@ class _WeightGroup:
 
 
 class EngineServer:
-    """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP."""
+    """Serves `llm` until `stop()`. `zmq_port=0` / `http_port=0` pick free ports; `http_port=None`: no HTTP.
+
+    `served_model_name`: the HTTP front's model name, or a list of names (aliases; responses carry the first).
+    `access_log`: one log line per HTTP request (logger `rollserve.access`, at INFO).
+    """
 
     def __init__(self, llm, host: str = "127.0.0.1", zmq_port: int = 0, http_port: int | None = 0,
                  weights_port: int = 0, api_key: str | None = None, shm_prefix: str | None = None,
-                 served_model_name: str = "rollserve", max_request_bytes: int = 16 << 20,
-                 max_update_bytes: int = 4 << 30):
+                 served_model_name: str | list[str] = "rollserve", max_request_bytes: int = 16 << 20,
+                 max_update_bytes: int = 4 << 30, access_log: bool = True):
         for field, value in (("max_request_bytes", max_request_bytes), ("max_update_bytes", max_update_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{field} must be a positive int (bytes), got {value!r}")
-        self.llm, self.host, self.api_key, self.model_name = llm, host, api_key, served_model_name
+        names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"served_model_name must be a non-empty name or list of names, "
+                             f"got {served_model_name!r}")
+        self.llm, self.host, self.api_key, self.model_names = llm, host, api_key, names
         self.max_request_bytes, self.max_update_bytes = max_request_bytes, max_update_bytes
         self._weight_group: _WeightGroup | None = None
         self.server_id = secrets.token_hex(8)
@@ -150,12 +162,18 @@ class EngineServer:
         self.paused, self.draining, self.asleep, self._running = False, False, False, True
         self._next_request = 0
         self.counters = {"requests_ok": 0, "requests_aborted": 0, "requests_rejected": 0, "prompt_tokens": 0}
-        self.receiver = self._start_receiver(host, weights_port, shm_prefix)
         self.http_address, self._http = None, None
-        if http_port is not None:
-            from .http_api import start_http
+        try:
+            if http_port is not None:
+                from .http_api import start_http
 
-            self._http, self.http_address = start_http(self, host, http_port)
+                self._http, self.http_address = start_http(self, host, http_port, access_log)
+            self.receiver = self._start_receiver(host, weights_port, shm_prefix)
+        except Exception:  # a port in use: close what is open, start nothing
+            if self._http is not None:
+                self._http.should_exit = True
+            self._context.destroy(linger=0)
+            raise
 
     def _start_receiver(self, host, port, prefix):
         from ..weight_sync.transports import SharedMemoryReceiver
@@ -174,9 +192,10 @@ class EngineServer:
         return receiver
 
     def info(self) -> dict:
-        return {"server_id": self.server_id, "protocol": protocol.PROTOCOL, "zmq": self.zmq_address,
+        return {"server_id": self.server_id, "protocol": PROTOCOL, "zmq": self.zmq_address,
                 "http": self.http_address, "weights": self.receiver.address, "shm_prefix": self.receiver.prefix,
-                "hostname": socket.gethostname(), "model": self.model_name, "max_model_len": self.llm.max_model_len,
+                "hostname": socket.gethostname(), "model": self.model_names[0],
+                "max_model_len": self.llm.max_model_len,
                 "weight_version": self.llm.weight_version, "pid": os.getpid(), "tokenizer": self.tokenizer_path(),
                 "max_request_bytes": self.max_request_bytes, "max_update_bytes": self.max_update_bytes,
                 "weight_group": self.weight_group_state()}
@@ -231,13 +250,13 @@ class EngineServer:
                         self._step()
                     except Exception as e:  # an engine failure: end what was in flight, keep serving
                         self._engine_failed(e)
-                elif self.draining and not self.llm.engine.has_unfinished_requests():
+                elif self.draining and not self.llm.has_unfinished():
                     self._paused_now()
         finally:
             self._shutdown()
 
     def _can_step(self) -> bool:
-        return not (self.paused or self.asleep) and self.llm.engine.has_unfinished_requests()
+        return not (self.paused or self.asleep) and self.llm.has_unfinished()
 
     def _run_inbox(self) -> None:
         while True:
@@ -252,26 +271,26 @@ class EngineServer:
                     future.set_exception(e)
 
     def _step(self) -> None:
-        for out in self.llm.engine.step():
-            job = self._by_request.pop(out.request_id, None)
+        for out in self.llm.step():
+            job = self._by_request.pop(out.request_id, None) if out.finished else self._by_request.get(out.request_id)
             if job is not None:
-                self._finished(job, out)
-        for job in {id(j): j for j in self._by_request.values() if j.stream}.values():
-            job.send_deltas(self.llm.engine.requests)
+                self._route(job, out)
 
     def _engine_failed(self, exc: Exception) -> None:
         traceback.print_exc()
-        self.llm.engine.abort_all()
+        for rid in list(self._by_request):
+            self.llm.abort(rid)
         failed = {id(job): job for job in self._by_request.values()}
         self._by_request.clear()
         for job in failed.values():
             job.fail(RuntimeError(f"the engine failed while this request ran: {type(exc).__name__}: {exc}"))
             self._jobs.pop(job.key, None)
 
-    def _finished(self, job: Job, out) -> None:
-        aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out, "outputs", ()))
-        self.counters["requests_aborted" if aborted else "requests_ok"] += 1
-        if job.finish(out):
+    def _route(self, job: Job, out) -> None:
+        if out.finished:
+            aborted = any(getattr(c, "finish_reason", None) == "abort" for c in getattr(out.output, "outputs", ()))
+            self.counters["requests_aborted" if aborted else "requests_ok"] += 1
+        if job.on_step(out):
             self._jobs.pop(job.key, None)
 
     # -- ZMQ front -----------------------------------------------------------------
@@ -284,106 +303,100 @@ class EngineServer:
             identity, parts = frames[0].bytes, frames[1:]
             self._on_message(identity, parts)
 
-    def _send(self, identity: bytes, reply: dict) -> None:
+    def _send(self, identity: bytes, reply: protocol.Reply | protocol.Error) -> None:
         try:
-            self._router.send_multipart([identity, protocol.pack(reply)], zmq.NOBLOCK)
+            self._router.send_multipart([identity, protocol.REPLIES.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:  # the client is gone or not reading: its replies are dropped
             pass
 
     def _on_message(self, identity: bytes, parts) -> None:
-        msg_id = None
+        request = None
         try:
             if not parts:
                 raise ValueError("malformed message: no header frame")
             if len(parts[0]) > self.max_request_bytes:
                 raise ValueError(f"message header of {len(parts[0])} bytes exceeds max_request_bytes="
                                  f"{self.max_request_bytes}")
-            header = protocol.unpack(parts[0].buffer)
-            msg_id = header.get("id")
-            kind = header["type"]
-            handler = getattr(self, f"_on_{kind}", None) if kind in HANDLERS else None
-            if handler is None:
-                raise ValueError(f"unknown message type {kind!r}; known: {sorted(HANDLERS)}")
-            if len(parts) > 1 and kind != "update_weights":
-                raise ValueError(f"a {kind!r} message carries no tensor frames, got {len(parts) - 1}")
-            self._check_key(header, kind)
-            reply = handler(header, parts[1:], lambda m, i=identity: self._send(i, m), identity)
+            request = protocol.REQUESTS.decode(parts[0].buffer)
+            if len(parts) > 1 and not isinstance(request, protocol.UpdateWeights):
+                raise ValueError(f"a {kind(request)!r} message carries no tensor frames, got {len(parts) - 1}")
+            self._check_key(request)
+            reply = HANDLERS[type(request)](self, request, parts[1:], lambda m, i=identity: self._send(i, m),
+                                            identity)
         except Exception as e:
-            if msg_id is None or isinstance(msg_id, (int, str)):
-                self._send(identity, protocol.error_reply(msg_id if isinstance(msg_id, (int, str)) else None, e))
+            msg_id = request.id if request is not None else protocol.message_id(parts[0].buffer) if parts else None
+            self._send(identity, failure(e, protocol.Error, id=msg_id))
             return
         if reply is not None:
-            self._send(identity, {"type": "reply", "id": msg_id, **reply})
+            reply.id = request.id
+            self._send(identity, reply)
 
-    def _check_key(self, header: dict, kind: str) -> None:
-        if self.api_key is None or kind not in CONTROL | {"generate"}:
+    def _check_key(self, request: protocol.Request) -> None:
+        if self.api_key is None or kind(request) not in CONTROL | {"generate"}:
             return
-        given = header.get("api_key")
+        given = request.api_key
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise PermissionError(f"{kind!r} requires the server's API key (api_key missing or wrong)")
+            raise PermissionError(f"{kind(request)!r} requires the server's API key (api_key missing or wrong)")
 
-    # -- message handlers: return a reply dict, or None when the reply comes later -----------
-    def _on_hello(self, header, frames, send, key):
-        return self.info()
+    # -- message handlers: return a reply, or None when the reply comes later (HANDLERS) -------------
+    def _on_hello(self, request, frames, send, key):
+        return protocol.Info(**self.info())
 
-    def _on_ping(self, header, frames, send, key):
-        return {"server_id": self.server_id}
+    def _on_ping(self, request, frames, send, key):
+        return protocol.Pong(server_id=self.server_id)
 
-    def _on_health(self, header, frames, send, key):
-        return {"status": "ok", "server_id": self.server_id, "paused": self.paused, "asleep": self.asleep,
-                "weight_version": self.llm.weight_version, "weight_group": self.weight_group_state()}
+    def _on_health(self, request, frames, send, key):
+        return protocol.HealthReport(status="ok", server_id=self.server_id, paused=self.paused, asleep=self.asleep,
+                                     weight_version=self.llm.weight_version, weight_group=self.weight_group_state())
 
-    def _on_stats(self, header, frames, send, key):
-        return {"stats": self.stats()}
+    def _on_stats(self, request, frames, send, key):
+        return protocol.StatsReport(stats=self.stats())
 
-    def _on_generate(self, header, frames, send, key):
-        self.start_job(header, send, key)
-        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
+    def _on_generate(self, request: protocol.Generate, frames, send, key):
+        self.start_job(request, send, key)
+        send(protocol.Accepted(id=request.id, server_id=self.server_id))
 
-    def _on_abort(self, header, frames, send, key):
-        job = self._jobs.get((key, header.get("target")))
+    def _on_abort(self, request: protocol.Abort, frames, send, key):
+        job = self._jobs.get((key, request.target))
         if job is not None:
             self.abort_job(job)
-        return {"aborted": job is not None}
+        return protocol.Aborted(aborted=job is not None)
 
-    def _on_update_weights(self, header, frames, send, key):
+    def _on_update_weights(self, request: protocol.UpdateWeights, frames, send, key):
         total = sum(len(f) for f in frames)
         if total > self.max_update_bytes:
             raise ValueError(f"update_weights: the tensor frames hold {total} bytes, more than max_update_bytes="
                              f"{self.max_update_bytes} (the server's --max-update-bytes); nothing was applied. "
                              f"Send it over shared memory (same host) or a weight group (init_weight_group), "
                              f"or raise the limit")
-        named = protocol.frames_to_tensors(header.get("tensors"), frames)
-        return {"version": self.llm.update_weights(named, header.get("version"), header.get("require_all", False))}
+        named = protocol.frames_to_tensors(request.tensors, frames)
+        return protocol.Version(version=self.llm.update_weights(named, request.version, request.require_all))
 
-    def _on_init_weight_group(self, header, frames, send, key):
+    def _on_init_weight_group(self, request: protocol.InitWeightGroup, frames, send, key):
         """Joins a gloo group as an engine rank (the trainer, rank 0, hosts its rendezvous at `init_method`)."""
         from ..weight_sync.distributed import check_group_args
-        from ..weight_sync.wire import check_positive
 
-        init_method, rank, world_size = header.get("init_method"), header.get("rank", 1), header.get("world_size", 2)
-        timeout_s, connect_timeout_s = header.get("timeout_s", 1800.0), header.get("connect_timeout_s", 60.0)
-        check_group_args(init_method, rank, world_size, timeout_s)
-        check_positive("connect_timeout_s", connect_timeout_s)
-        if rank == 0:
+        check_group_args(request.init_method, request.rank, request.world_size, request.timeout_s)
+        check_positive("connect_timeout_s", request.connect_timeout_s)
+        if request.rank == 0:
             raise ValueError("rank must not be 0: rank 0 of a weight group is the trainer that sends the weights")
         current = self._weight_group
         if current is not None and current.active:
             raise ValueError(f"this server is already in a weight group ({current.state}, init_method="
                              f"{current.init_method}); close_weight_group first")
-        self._weight_group = _WeightGroup(self, init_method, rank, world_size, float(timeout_s),
-                                          float(connect_timeout_s))
+        self._weight_group = _WeightGroup(self, request.init_method, request.rank, request.world_size,
+                                          request.timeout_s, request.connect_timeout_s)
         self._weight_group.thread.start()
-        return {"weight_group": self._weight_group.describe()}
+        return protocol.WeightGroupState(weight_group=self._weight_group.describe())
 
-    def _on_close_weight_group(self, header, frames, send, key):
+    def _on_close_weight_group(self, request, frames, send, key):
         """Leaves the weight group: updates still sent on it are refused (the trainer should close its side)."""
         group = self._weight_group
         if group is not None:
             group.close()
-        return {"weight_group": self.weight_group_state()}
+        return protocol.WeightGroupState(weight_group=self.weight_group_state())
 
-    def _on_tokenizer_files(self, header, frames, send, key):
+    def _on_tokenizer_files(self, request, frames, send, key):
         """The tokenizer as files (`save_pretrained`), for clients on hosts without the server's folder."""
         import tempfile
 
@@ -396,33 +409,33 @@ class EngineServer:
             for name in sorted(os.listdir(folder)):
                 with open(os.path.join(folder, name), "rb") as f:
                     files[name] = f.read()
-        return {"files": files}
+        return protocol.Files(files=files)
 
-    def _on_weight_version(self, header, frames, send, key):
-        return {"version": self.llm.weight_version}
+    def _on_weight_version(self, request, frames, send, key):
+        return protocol.Version(version=self.llm.weight_version)
 
-    def _on_weights_fingerprint(self, header, frames, send, key):
-        return {"fingerprint": self.llm.weights_fingerprint()}
+    def _on_weights_fingerprint(self, request, frames, send, key):
+        return protocol.Fingerprint(fingerprint=self.llm.weights_fingerprint())
 
-    def _on_reset_prefix_cache(self, header, frames, send, key):
+    def _on_reset_prefix_cache(self, request, frames, send, key):
         self.llm.reset_prefix_cache()
-        return {}
+        return protocol.Ok()
 
-    def _on_pause(self, header, frames, send, key):
-        send({"type": "accepted", "id": header.get("id"), "server_id": self.server_id})
-        self.pause(header.get("mode", "wait"), lambda: send({"type": "reply", "id": header.get("id")}))
+    def _on_pause(self, request: protocol.Pause, frames, send, key):
+        send(protocol.Accepted(id=request.id, server_id=self.server_id))
+        self.pause(request.mode, lambda: send(protocol.Ok(id=request.id)))
 
-    def _on_resume(self, header, frames, send, key):
+    def _on_resume(self, request, frames, send, key):
         self.resume()
-        return {}
+        return protocol.Ok()
 
-    def _on_sleep(self, header, frames, send, key):
-        self.sleep(header.get("level", 1))
-        return {}
+    def _on_sleep(self, request: protocol.Sleep, frames, send, key):
+        self.sleep(request.level)
+        return protocol.Ok()
 
-    def _on_wake_up(self, header, frames, send, key):
+    def _on_wake_up(self, request, frames, send, key):
         self.wake_up()
-        return {}
+        return protocol.Ok()
 
     def llm_method(self, name: str):
         fn = getattr(self.llm, name, None)
@@ -431,17 +444,17 @@ class EngineServer:
         return fn
 
     # -- jobs (ZMQ and HTTP) ----------------------------------------------------------
-    def start_job(self, header: dict, send, key) -> Job:
+    def start_job(self, request: protocol.Generate, send, key) -> Job:
         """Checks every prompt of a generate message, then queues them all (or none: the error names the prompt)."""
-        job_key = (key, header.get("id"))
+        job_key = (key, request.id)
         if job_key in self._jobs:
-            raise ValueError(f"message id {header.get('id')!r} is already generating")
+            raise ValueError(f"message id {request.id!r} is already generating")
         try:
-            requests = self.encoder.encode(header)
+            requests = self.encoder.encode(request)
         except Exception:
             self.counters["requests_rejected"] += 1
             raise
-        job = Job(job_key, header.get("id"), send, requests, bool(header.get("stream")), self.llm)
+        job = Job(job_key, request.id, send, requests, request.stream)
         self._jobs[job_key] = job
         for index in range(len(requests)):
             if self.paused or self.draining or self.asleep:
@@ -451,13 +464,13 @@ class EngineServer:
         return job
 
     def _admit(self, job: Job, index: int) -> None:
-        rid = str(self._next_request)
+        prompt, params = job.requests[index]
+        rid = self.llm.add_request(prompt, params, request_id=str(self._next_request),
+                                   stream=job.stream)
         self._next_request += 1
-        text, ids, params = job.requests[index]
-        self.llm.engine.add_request(rid, ids, params, prompt=text)
         job.request_ids[index] = rid
         self._by_request[rid] = job
-        self.counters["prompt_tokens"] += len(ids)
+        self.counters["prompt_tokens"] += len(prompt.token_ids)
 
     def abort_job(self, job: Job) -> None:
         """Ends every request of `job` (finish_reason "abort"), held ones included; the job is answered."""
@@ -467,10 +480,10 @@ class EngineServer:
                 rid = job.request_ids[index] = f"unstarted-{index}"
                 out = unstarted_output(rid, *job.requests[index], self.llm.weight_version)
             else:
-                out = self.llm.engine.abort_request(rid)
+                out = self.llm.abort(rid)
                 self._by_request.pop(rid, None)
             if out is not None:
-                self._finished(job, out)
+                self._route(job, out)
         self._jobs.pop(job.key, None)
 
     # -- pause / resume -------------------------------------------------------
@@ -482,7 +495,7 @@ class EngineServer:
             for job in list(self._jobs.values()):
                 self.abort_job(job)
         self._pause_waiters.append(done)
-        if mode == "wait" and self.llm.engine.has_unfinished_requests():
+        if mode == "wait" and self.llm.has_unfinished():
             self.draining = True
         else:
             self._paused_now()
@@ -508,8 +521,8 @@ class EngineServer:
     def sleep(self, level: int = 1) -> None:
         """Frees the KV cache (level 2: also the weights, to host memory); requests that come meanwhile wait."""
         sleep = self.llm_method("sleep")
-        if self.llm.engine.has_unfinished_requests():
-            raise ValueError(f"sleep needs an idle engine, {len(self.llm.engine.requests)} requests are in flight: "
+        if self.llm.has_unfinished():
+            raise ValueError(f"sleep needs an idle engine, {self.llm.num_unfinished} requests are in flight: "
                              f"pause('wait') or pause('abort') first")
         sleep(level)
         self.asleep = True
@@ -522,15 +535,9 @@ class EngineServer:
 
     # -- metrics ----------------------------------------------------------------
     def stats(self) -> dict:
-        engine = self.llm.engine
-        sched, blocks = engine.scheduler, engine.block_manager
-        queries = sched.stats.prefix_cache_queries
-        return {**self.counters, "generation_tokens": engine.stats.num_generated_tokens,
-                "num_steps": engine.stats.num_steps, "num_running": len(sched.running),
-                "num_waiting": len(sched.waiting) + len(self._held),
-                "kv_cache_usage": 1 - blocks.num_free_blocks / blocks.num_blocks,
-                "prefix_cache_hit_rate": sched.stats.prefix_cache_hits / queries if queries else 0.0,
-                "weight_version": self.llm.weight_version, "paused": self.paused, "asleep": self.asleep}
+        metrics = self.llm.metrics()
+        return {**self.counters, **metrics, "num_waiting": metrics["num_waiting"] + len(self._held),
+                "paused": self.paused, "asleep": self.asleep}
 
     # -- shutdown -----------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -555,60 +562,54 @@ class EngineServer:
         os.close(self._wake_w)
 
 
-HANDLERS = {name.removeprefix("_on_") for name in dir(EngineServer) if name.startswith("_on_") and name != "_on_message"}
+HANDLERS = {
+    protocol.Hello: EngineServer._on_hello,
+    protocol.Ping: EngineServer._on_ping,
+    protocol.Health: EngineServer._on_health,
+    protocol.Stats: EngineServer._on_stats,
+    protocol.Generate: EngineServer._on_generate,
+    protocol.Abort: EngineServer._on_abort,
+    protocol.UpdateWeights: EngineServer._on_update_weights,
+    protocol.InitWeightGroup: EngineServer._on_init_weight_group,
+    protocol.CloseWeightGroup: EngineServer._on_close_weight_group,
+    protocol.TokenizerFiles: EngineServer._on_tokenizer_files,
+    protocol.WeightVersion: EngineServer._on_weight_version,
+    protocol.WeightsFingerprint: EngineServer._on_weights_fingerprint,
+    protocol.ResetPrefixCache: EngineServer._on_reset_prefix_cache,
+    protocol.Pause: EngineServer._on_pause,
+    protocol.Resume: EngineServer._on_resume,
+    protocol.Sleep: EngineServer._on_sleep,
+    protocol.WakeUp: EngineServer._on_wake_up,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.")
-    add_arguments(ap)
+    from ..cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="rollserve serve", description="Serve an engine over ZMQ and HTTP.",
+                                 formatter_class=HelpFormatter)
+    options.add_arguments(ap)
     return ap
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The `serve` options, on `ap` (a standalone parser or a `rollserve serve` subparser)."""
-    ap.add_argument("--model", required=True, help="HF folder or .gguf file")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--host", default="127.0.0.1", help="address every front binds (default: loopback only)")
-    ap.add_argument("--zmq-port", type=int, default=0, help="ZMQ port for RemoteLLM (0: a free one)")
-    ap.add_argument("--http-port", type=int, default=0, help="HTTP port (0: a free one, -1: no HTTP front)")
-    ap.add_argument("--weights-port", type=int, default=0, help="shared-memory weight receiver port (0: free)")
-    ap.add_argument("--api-key", default=os.environ.get("ROLLSERVE_API_KEY"),
-                    help="required on control and weight messages, and on generation (default $ROLLSERVE_API_KEY)")
-    ap.add_argument("--shm-prefix", default=None, help="names this engine's shared-memory segments")
-    ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--max-request-bytes", type=int, default=16 << 20, help="largest message header (bytes)")
-    ap.add_argument("--max-update-bytes", type=int, default=4 << 30,
-                    help="largest update_weights message over ZMQ tensor frames (bytes; the shared-memory and "
-                         "weight-group transports are not limited)")
-    ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--double-buffer-weights", action="store_true",
-                    help="updates are written and checked in spare storage, then swapped in (one more copy "
-                         "of the weights in memory; see LLM(double_buffer_weights=...))")
-
-
 def main(argv=None) -> None:
-    run(build_parser().parse_args(argv))
+    sys.exit(run(build_parser().parse_args(argv)))
 
 
-def run(args: argparse.Namespace) -> None:
-    """Loads the model, serves until SIGTERM/SIGINT, cleans up."""
-    from ..llm import LLM
+def run(args: argparse.Namespace) -> int:
+    """Loads the model, serves until SIGTERM/SIGINT, cleans up; returns the exit status.
 
-    kwargs = {} if args.kv_cache_memory is None else {"kv_cache_memory": args.kv_cache_memory}
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-              double_buffer_weights=args.double_buffer_weights, **kwargs)
-    server = EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
-                          args.weights_port, args.api_key, args.shm_prefix,
-                          args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-                          args.max_request_bytes, args.max_update_bytes)
+    A start-up failure (a bad model path, a port in use) is one line on stderr and status 1;
+    `--log-level debug` raises it instead, traceback and all.
+    """
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = _start(args)
+    except Exception as e:  # whatever stops the start-up is the user's to fix: say what, not where
+        if args.log_level == "debug":
+            raise
+        print(f"rollserve serve: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     print("ROLLSERVE READY " + json.dumps(server.info()), flush=True)
@@ -620,6 +621,26 @@ def run(args: argparse.Namespace) -> None:
         # interpreter under it can crash, so leave now (everything is closed and flushed)
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _start(args: argparse.Namespace) -> EngineServer:
+    if not os.path.exists(args.model):  # at once, not after importing transformers
+        raise ValueError(f"--model {args.model}: no such file or folder")
+    from ..llm import LLM
+
+    llm = LLM(args.model, tokenizer=args.tokenizer, **dataclasses.asdict(engine_args_from(args)))
+    return EngineServer(llm, args.host, args.zmq_port, None if args.http_port < 0 else args.http_port,
+                        args.weights_port, args.api_key, args.shm_prefix,
+                        args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+                        args.max_request_bytes, args.max_update_bytes, args.access_log)
+
+
+def _one_line(e: Exception) -> str:
+    message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, ValueError):  # ours: the message names the argument and what is wrong with it
+        return message
+    return f"{type(e).__name__}: {message} (--log-level debug shows the traceback)"
 
 
 if __name__ == "__main__":

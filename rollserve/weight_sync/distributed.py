@@ -1,26 +1,28 @@
 """Weights across hosts: packed buckets broadcast in a dedicated `torch.distributed` group.
 
 Per bucket, the source rank broadcasts two int64 sizes, then one uint8 buffer
-holding a msgpack header (`op`, tensor entries) followed by the packed
-tensors. Every other rank is an engine: it receives each bucket into a buffer
+holding a header (a `GroupHeader`: bucket entries, commit, abort or close)
+followed by the packed tensors. Every other rank is an engine: it receives each bucket into a buffer
 of its own pool (grown to the size of the update, reused across syncs; the
 engine holds one extra copy of the update, the price of applying it
 atomically), keeps views, and on `commit` hands the whole update to
 `target.update_weights`. Results come back to the source by one allgather of
-fixed-size status records, so a refused update raises there with the
-engine's message and every rank stays in step for the next sync.
+fixed-size status records (`Applied` or `Refused`), so a refused update
+raises there as the engine's exception and every rank stays in step for the
+next sync.
 """
 
 from datetime import timedelta
 from urllib.parse import urlparse
 
-import msgpack
+import msgspec
 import torch
 import torch.distributed as dist
 
-from .shm import DEFAULT_BUCKET_BYTES
-from .wire import (align, bucket_entries, check_positive, check_update_args, error_record, plan_buckets,
-                   read_bucket, remote_error, write_bucket)
+from .messages import (GROUP_HEADERS, REPLIES, Ack, Applied, GroupAbort, GroupBucket, GroupClose, GroupCommit,
+                       GroupHeader, Refused, Reply)
+from .wire import (DEFAULT_BUCKET_BYTES, align, bucket_entries, check_positive, check_update_args, failure,
+                   plan_buckets, read_bucket, remote_error, write_bucket)
 
 STATUS_BYTES = 1 << 16  # one status record per rank, a refused update's problem list included
 
@@ -84,11 +86,8 @@ class _GroupMember:
         options.rootRank = self.src
         self._collective(lambda: self.group.broadcast([tensor], options))
 
-    def _allgather_status(self, record: dict) -> list[dict]:
-        raw = msgpack.packb(record)
-        if len(raw) > STATUS_BYTES - 4:
-            message = record["message"].encode()[:STATUS_BYTES // 2].decode(errors="ignore") + " [truncated]"
-            raw = msgpack.packb({"ok": record["ok"], "error": record["error"], "kind": record["kind"], "message": message})
+    def _allgather_status(self, record: Reply | Refused) -> list[Reply | Refused]:
+        raw = _status_bytes(record)
         mine = torch.zeros(STATUS_BYTES, dtype=torch.uint8)
         mine[:4] = torch.tensor([len(raw)], dtype=torch.int32).view(torch.uint8)
         mine[4:4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
@@ -98,8 +97,20 @@ class _GroupMember:
         for t in everyone:
             t = t.cpu()
             n = int(t[:4].view(torch.int32))
-            records.append(msgpack.unpackb(t[4:4 + n].numpy().tobytes()))
+            records.append(REPLIES.decode(t[4:4 + n].numpy().tobytes()))
         return records
+
+
+def _status_bytes(record: Reply | Refused) -> bytes:
+    """The encoded record; a refusal naming thousands of tensors is trimmed to fit (kind kept, so the
+    source still raises `WeightUpdateError`, with the first names of each problem)."""
+    raw = REPLIES.encode(record)
+    if len(raw) <= STATUS_BYTES - 4:
+        return raw
+    message = record.message.encode()[:STATUS_BYTES // 4].decode(errors="ignore") + " [truncated]"
+    problems = record.problems and {p[:300]: [n[:200] for n in names[:8]]
+                                    for p, names in list(record.problems.items())[:16]}
+    return REPLIES.encode(msgspec.structs.replace(record, message=message, problems=problems))
 
 
 class DistributedSender(_GroupMember):
@@ -120,8 +131,8 @@ class DistributedSender(_GroupMember):
         self.bucket_bytes = int(bucket_bytes)
         self._buffer = torch.empty(0, dtype=torch.uint8, device=self.device)
 
-    def _post(self, header: dict, batch=(), used: int = 0) -> None:
-        raw = msgpack.packb(header)
+    def _post(self, header: GroupHeader, batch=(), used: int = 0) -> None:
+        raw = GROUP_HEADERS.encode(header)
         base = align(len(raw))
         if self._buffer.numel() < base + used:
             self._buffer = torch.empty(max(base + used, base + self.bucket_bytes), dtype=torch.uint8, device=self.device)
@@ -134,26 +145,26 @@ class DistributedSender(_GroupMember):
         check_update_args(version, require_all)
         try:
             for batch, used in plan_buckets(named_tensors, self.bucket_bytes):
-                self._post({"op": "bucket", "tensors": bucket_entries(batch)}, batch, used)
-            self._post({"op": "commit", "version": version, "require_all": require_all})
+                self._post(GroupBucket(tensors=bucket_entries(batch)), batch, used)
+            self._post(GroupCommit(version=version, require_all=require_all))
         except BaseException:
             if self._broken is None:  # the source failed (bad item, iterator raised): tell the engines to drop it
-                self._post({"op": "abort"})
+                self._post(GroupAbort())
             raise
-        records = [r for rank, r in enumerate(self._allgather_status({"ok": True})) if rank != self.src]
-        refused = [(rank, r) for rank, r in enumerate(records) if not r.get("ok")]
+        records = [r for rank, r in enumerate(self._allgather_status(Ack())) if rank != self.src]
+        refused = [(rank, r) for rank, r in enumerate(records) if isinstance(r, Refused)]
         if refused:
             rank, first = refused[0]
             applied = len(records) - len(refused)
             where = f"engine at group rank {rank + (rank >= self.src)}" + (
                 f" (while {applied} other engines applied the update)" if applied else "")
             raise remote_error(first, where)
-        return records[0]["version"]
+        return records[0].version
 
     def close(self) -> None:
         """Tells the engines to leave `serve_forever` (the group itself belongs to the caller)."""
         if self._broken is None:
-            self._post({"op": "close"})
+            self._post(GroupClose())
             self._broken = "closed by DistributedSender.close()"
 
     def __enter__(self):
@@ -188,7 +199,12 @@ class DistributedReceiver(_GroupMember):
             self._pool[index:index + 1] = [buffer]
         buffer = self._pool[index][:total]
         self._broadcast(buffer)
-        return msgpack.unpackb(buffer[:header_len].cpu().numpy().tobytes()), buffer, align(header_len)
+        try:
+            header = GROUP_HEADERS.decode(buffer[:header_len].cpu().numpy().tobytes())
+        except ValueError as e:  # the ranks no longer agree on the protocol: every later sync would fail too
+            self._broken = f"weight-sync protocol error: {e}"
+            raise RuntimeError(self._broken) from None
+        return header, buffer, align(header_len)
 
     def receive(self) -> int | None:
         """Takes part in one sync; returns the new version, or None when the source closed.
@@ -198,24 +214,21 @@ class DistributedReceiver(_GroupMember):
         pending, index = [], 0
         while True:
             header, buffer, base = self._next(index)
-            if header["op"] == "bucket":
-                pending += read_bucket(buffer, header["tensors"], base)
+            if isinstance(header, GroupBucket):
+                pending += read_bucket(buffer, header.tensors, base)
                 index += 1
-            elif header["op"] == "abort":
+            elif isinstance(header, GroupAbort):
                 pending, index = [], 0
-            elif header["op"] == "close":
+            elif isinstance(header, GroupClose):
                 return None
-            elif header["op"] == "commit":
-                break
             else:
-                self._broken = f"unknown message {header['op']!r} from the source"
-                raise RuntimeError(f"weight-sync protocol error: {self._broken}")
+                break
         try:
-            version = self.target.update_weights(pending, version=header["version"], require_all=header["require_all"])
+            version = self.target.update_weights(pending, version=header.version, require_all=header.require_all)
         except Exception as e:
-            self._allgather_status(error_record(e))
+            self._allgather_status(failure(e, Refused))
             raise
-        self._allgather_status({"ok": True, "version": version})
+        self._allgather_status(Applied(version=version))
         return version
 
     def serve_forever(self) -> None:

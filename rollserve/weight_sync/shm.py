@@ -1,13 +1,13 @@
 """Weights from another process on the same host: shared-memory buckets, ZMQ control messages.
 
 The sender (trainer side) packs tensors into fixed-size segments in
-`/dev/shm`, allocated once and reused across syncs, and sends one msgpack
-message per bucket (`[name, dtype, shape, offset]` entries, never tensor
-data) over a ZMQ REQ socket. The receiver (engine side, REP socket) maps each
+`/dev/shm`, allocated once and reused across syncs, and sends one message
+per bucket (`ShmBucket`: where each tensor sits, never tensor data) over a
+ZMQ REQ socket. The receiver (engine side, REP socket) maps each
 segment once and keeps the tensors as views over it until the `commit`
 message, then hands the whole update to `target.update_weights` at once: the
 update is validated before anything is applied, and a refused update is sent
-back to the sender as the same exception type with the engine's message.
+back to the sender as the same exception (`Refused`, the one error codec of `wire.py`).
 
 Atomicity costs memory: by default the pool grows to hold the whole update
 (one copy of the model in /dev/shm, reused every sync). With
@@ -24,15 +24,14 @@ import re
 import secrets
 import weakref
 
-import msgpack
 import torch
 import zmq
 
-from .wire import (bucket_entries, check_positive, check_update_args, error_record, plan_buckets, read_bucket,
-                   remote_error, write_bucket)
+from .messages import (REPLIES, SHM_REQUESTS, Ack, Applied, Refused, ShmAbort, ShmBucket, ShmCommit, ShmEvict,
+                       ShmHello, ShmRequest, Welcome)
+from .wire import (DEFAULT_BUCKET_BYTES, PROTOCOL, bucket_entries, check_positive, check_update_args, failure,
+                   kind, plan_buckets, read_bucket, remote_error, write_bucket)
 
-PROTOCOL = 1
-DEFAULT_BUCKET_BYTES = 256 << 20
 SHM_DIR = "/dev/shm"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -130,7 +129,7 @@ class SharedMemorySender:
             sock.connect(self.address)
             self._socket = sock
             try:
-                self._prefix = self._call({"op": "hello", "protocol": PROTOCOL})["prefix"]
+                self._prefix = self._call(ShmHello, protocol=PROTOCOL).prefix
             except BaseException:
                 self._drop_socket()
                 raise
@@ -145,17 +144,17 @@ class SharedMemorySender:
             self._socket.close(linger=0)
             self._socket = None
 
-    def _call(self, message: dict) -> dict:
+    def _call(self, request: type[ShmRequest], **fields):
         sock = self._connect()
+        message = request(pid=os.getpid(), api_key=self.api_key, **fields)
         try:
-            key = {} if self.api_key is None else {"api_key": self.api_key}
-            sock.send(msgpack.packb({**message, "pid": os.getpid(), **key}))
-            reply = msgpack.unpackb(sock.recv())
+            sock.send(SHM_REQUESTS.encode(message))
+            reply = REPLIES.decode(sock.recv())
         except zmq.Again:
             self._drop_socket()  # a REQ socket that missed its reply cannot send again
-            raise TimeoutError(f"no answer from the engine at {self.address} to {message['op']!r} within "
+            raise TimeoutError(f"no answer from the engine at {self.address} to {kind(message)!r} within "
                                f"{self.timeout_s} s; is its receiver running?") from None
-        if not reply.get("ok"):
+        if isinstance(reply, Refused):
             raise remote_error(reply, f"engine at {self.address}")
         return reply
 
@@ -179,7 +178,7 @@ class SharedMemorySender:
             return self._pool[-1]
         i = k % len(self._pool)
         if k >= len(self._pool):  # still holds tensors of this sync: the receiver must copy them out first
-            self._call({"op": "evict", "sync": sync, "segment": self._pool[i].name})
+            self._call(ShmEvict, sync=sync, segment=self._pool[i].name)
         if self._pool[i].size < size:
             self._drop_segment(self._pool[i])
             self._pool[i] = self._new_segment(max(size, self.bucket_bytes))
@@ -202,19 +201,19 @@ class SharedMemorySender:
             for k, (batch, used) in enumerate(plan_buckets(named_tensors, self.bucket_bytes)):
                 segment = self._slot(k, used, sync)
                 write_bucket(segment.buffer, batch)
-                self._call({"op": "bucket", "sync": sync, "index": k, "segment": segment.name,
-                            "size": segment.size, "tensors": bucket_entries(batch)})
+                self._call(ShmBucket, sync=sync, index=k, segment=segment.name, size=segment.size,
+                           tensors=bucket_entries(batch))
                 buckets = k + 1
-            reply = self._call({"op": "commit", "sync": sync, "buckets": buckets, "version": version,
-                                "require_all": require_all, "segments": [s.name for s in self._pool]})
+            reply = self._call(ShmCommit, sync=sync, buckets=buckets, version=version, require_all=require_all,
+                               segments=[s.name for s in self._pool])
         except BaseException:
             if self._socket is not None:
                 try:
-                    self._call({"op": "abort", "sync": sync})
+                    self._call(ShmAbort, sync=sync)
                 except Exception:  # best effort: the receiver also drops a sync it never sees committed
                     pass
             raise
-        return reply["version"]
+        return reply.version
 
     def close(self) -> None:
         """Deletes this sender's segments and closes its socket (idempotent)."""
@@ -281,14 +280,10 @@ class SharedMemoryReceiver:
             return False
         raw = self._socket.recv()
         try:
-            try:
-                message = msgpack.unpackb(raw)
-            except Exception as e:
-                raise ValueError(f"malformed weight-sync message ({type(e).__name__} decoding msgpack)") from None
-            reply = {"ok": True, **self._handle(message)}
+            reply = self._handle(SHM_REQUESTS.decode(raw))
         except Exception as e:  # a refused update or a malformed message: tell the sender, keep serving
-            reply = error_record(e)
-        self._socket.send(msgpack.packb(reply))
+            reply = failure(e, Refused)
+        self._socket.send(REPLIES.encode(reply))
         return True
 
     def serve_forever(self, poll_interval_s: float = 0.2) -> None:
@@ -314,72 +309,66 @@ class SharedMemoryReceiver:
         self.close()
 
     # -- messages -----------------------------------------------------------
-    def _handle(self, message) -> dict:
-        op = message.get("op") if isinstance(message, dict) else None
-        handler = getattr(self, f"_on_{op}", None) if op in ("hello", "bucket", "evict", "abort", "commit") else None
-        if handler is None:
-            raise ValueError(f"unknown weight-sync message {op!r}")
-        if self._api_key is not None:
-            given = message.get("api_key")
-            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self._api_key.encode()):
-                raise PermissionError(f"weight-sync message {op!r} requires the engine's API key "
-                                      f"(api_key missing or wrong); nothing was changed")
-        if not isinstance(message.get("pid"), int):
-            raise ValueError("weight-sync message without the sender's pid")
-        return handler(message)
+    def _handle(self, message: ShmRequest):
+        if self._api_key is not None and not (isinstance(message.api_key, str) and hmac.compare_digest(
+                message.api_key.encode(), self._api_key.encode())):
+            raise PermissionError(f"weight-sync message {kind(message)!r} requires the engine's API key "
+                                  f"(api_key missing or wrong); nothing was changed")
+        return self._HANDLERS[type(message)](self, message)
 
-    def _on_hello(self, message) -> dict:
-        if message.get("protocol") != PROTOCOL:
-            raise ValueError(f"sender speaks weight-sync protocol {message.get('protocol')!r}, this engine {PROTOCOL}")
-        return {"prefix": self.prefix}
+    def _on_hello(self, message: ShmHello) -> Welcome:
+        if message.protocol != PROTOCOL:
+            raise ValueError(f"sender speaks weight-sync protocol {message.protocol!r}, this engine {PROTOCOL}")
+        return Welcome(prefix=self.prefix)
 
-    def _on_bucket(self, message) -> dict:
-        key = (message["pid"], message.get("sync"))
-        if key != self._sync or message.get("index") != self._received:
+    def _on_bucket(self, message: ShmBucket) -> Ack:
+        key = (message.pid, message.sync)
+        if key != self._sync or message.index != self._received:
             self._drop_pending()
-            if message.get("index") != 0:
-                raise ValueError(f"bucket {message.get('index')!r} of an update whose start this engine did not see")
+            if message.index != 0:
+                raise ValueError(f"bucket {message.index!r} of an update whose start this engine did not see")
             self._sync = key
-        buffer = self._map(message.get("segment"), message.get("size"), message["pid"])
-        self._pending += [[name, view, message["segment"]] for name, view in read_bucket(buffer, message.get("tensors"))]
+        buffer = self._map(message.segment, message.size, message.pid)
+        self._pending += [[name, view, message.segment] for name, view in read_bucket(buffer, message.tensors)]
         self._received += 1
-        return {}
+        return Ack()
 
-    def _on_evict(self, message) -> dict:
-        if self._sync == (message["pid"], message.get("sync")):
+    def _on_evict(self, message: ShmEvict) -> Ack:
+        if self._sync == (message.pid, message.sync):
             for entry in self._pending:
-                if entry[2] == message.get("segment"):
+                if entry[2] == message.segment:
                     entry[1], entry[2] = entry[1].clone(), None
-        return {}
+        return Ack()
 
-    def _on_abort(self, message) -> dict:
-        if self._sync == (message["pid"], message.get("sync")):
+    def _on_abort(self, message: ShmAbort) -> Ack:
+        if self._sync == (message.pid, message.sync):
             self._drop_pending()
-        return {}
+        return Ack()
 
-    def _on_commit(self, message) -> dict:
-        key = (message["pid"], message.get("sync"))
+    def _on_commit(self, message: ShmCommit) -> Applied:
+        key = (message.pid, message.sync)
         received = self._received if key == self._sync else 0
-        if message.get("buckets") != received:
+        if message.buckets != received:
             self._drop_pending()
-            raise ValueError(f"update incomplete: {message.get('buckets')!r} buckets sent, {received} received "
+            raise ValueError(f"update incomplete: {message.buckets!r} buckets sent, {received} received "
                              f"(another sender interleaved, or the engine restarted); nothing was applied")
         named = [(name, tensor) for name, tensor, _ in self._pending]
         try:
-            version = self.target.update_weights(named, version=message.get("version"),
-                                                 require_all=message.get("require_all", False))
+            version = self.target.update_weights(named, version=message.version, require_all=message.require_all)
         finally:
             del named
             self._drop_pending()
-            self._forget(lambda name, pid: pid == message["pid"] and name not in message.get("segments", ()))
-        return {"version": version}
+            self._forget(lambda name, pid: pid == message.pid and name not in message.segments)
+        return Applied(version=version)
+
+    _HANDLERS = {ShmHello: _on_hello, ShmBucket: _on_bucket, ShmEvict: _on_evict, ShmAbort: _on_abort,
+                 ShmCommit: _on_commit}
 
     # -- segments -----------------------------------------------------------
-    def _map(self, name, size, pid: int) -> torch.Tensor:
-        if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name) and name.startswith(self.prefix + "-")
-                and _owner_pid(name) == pid):
+    def _map(self, name: str, size: int, pid: int) -> torch.Tensor:
+        if not (_SAFE_NAME.fullmatch(name) and name.startswith(self.prefix + "-") and _owner_pid(name) == pid):
             raise ValueError(f"segment name {name!r:.120} is not one of this engine's ({self.prefix}-{pid}-...)")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        if size <= 0:
             raise ValueError(f"segment size must be a positive int, got {size!r}")
         cached = self._segments.get(name)
         if cached is not None and cached[0].numel() >= size:

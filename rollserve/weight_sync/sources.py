@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .updater import normalize_name
-
-DEFAULT_BUCKET_BYTES = 256 * 1024**2
+from .wire import DEFAULT_BUCKET_BYTES
 
 
 @dataclass

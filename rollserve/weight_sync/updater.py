@@ -24,16 +24,20 @@ _SHOWN = 8  # offending names listed per problem in an error message
 
 
 class WeightUpdateError(ValueError):
-    """A rejected weight update; nothing was applied. `problems` maps each problem to the offending names."""
+    """A rejected weight update; nothing was applied. `problems` maps each problem to the offending names.
 
-    def __init__(self, problems: dict[str, list[str]]):
+    `where` (the engine that refused it, when raised on a sender) starts the message.
+    """
+
+    def __init__(self, problems: dict[str, list[str]], where: str | None = None):
         self.problems = problems
         parts = []
         for problem, names in problems.items():
             more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
             parts.append(f"{problem}: {', '.join(names[:_SHOWN])}{more}")
-        super().__init__("update_weights rejected the update, nothing was applied (weights and version "
-                         "unchanged): " + "; ".join(parts))
+        message = ("update_weights rejected the update, nothing was applied (weights and version unchanged): "
+                   + "; ".join(parts))
+        super().__init__(message if where is None else f"{where}: {message}")
 
 
 def normalize_name(name: str) -> str:

@@ -1,17 +1,27 @@
-"""What both cross-process weight transports share: buckets, error records, argument checks.
+"""What every cross-process path shares: the protocol version, buckets, the message codec, the one error codec.
 
 A bucket is a 1-D uint8 tensor; each tensor sits at a 64-byte aligned offset
-and is described by an entry `[name, dtype, shape, offset]` (msgpack-able:
-str, str, list[int], int). The receiver rebuilds every tensor as a view over
-the bucket, so nothing is copied on that side and nothing is pickled.
+and is described by a `BucketEntry` (`[name, dtype, shape, offset]` on the
+wire). The receiver rebuilds every tensor as a view over the bucket, so
+nothing is copied on that side and nothing is pickled.
+
+Messages are msgspec Structs of a tagged union, msgpack on the wire
+(`MessageCodec`). A failure travels as a `Failure` (its fields inside each
+transport's error reply) and is raised on the other side by `remote_error`
+as the same kind of exception, a refused update as `WeightUpdateError` with
+its `problems`.
 """
 
 import re
+from typing import Annotated, Union
 
+import msgspec
 import torch
 
 from .updater import WeightUpdateError
 
+PROTOCOL = 2  # of every message schema (serve/protocol.py, weight_sync/messages.py); hello and info carry it
+DEFAULT_BUCKET_BYTES = 256 << 20
 ALIGN = 64
 _DTYPE_NAME = re.compile(r"[a-z0-9_]+")
 
@@ -70,9 +80,18 @@ def parse_dtype(name) -> torch.dtype:
     return dtype
 
 
-def bucket_entries(batch) -> list[list]:
-    """The header entries `[name, dtype, shape, offset]` of a planned bucket."""
-    return [[name, dtype_name(tensor.dtype), list(tensor.shape), offset] for name, tensor, offset in batch]
+class BucketEntry(msgspec.Struct, array_like=True):
+    """One tensor of a bucket: `[name, dtype, shape, offset]` on the wire."""
+
+    name: str
+    dtype: str
+    shape: list[Annotated[int, msgspec.Meta(ge=0)]]
+    offset: Annotated[int, msgspec.Meta(ge=0, multiple_of=ALIGN)]
+
+
+def bucket_entries(batch) -> list[BucketEntry]:
+    """The header entries of a planned bucket."""
+    return [BucketEntry(name, dtype_name(tensor.dtype), list(tensor.shape), offset) for name, tensor, offset in batch]
 
 
 def write_bucket(bucket: torch.Tensor, batch, base: int = 0) -> None:
@@ -82,47 +101,94 @@ def write_bucket(bucket: torch.Tensor, batch, base: int = 0) -> None:
         bucket[start:start + nbytes(tensor)].view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
 
-def read_bucket(bucket: torch.Tensor, entries, base: int = 0) -> list[tuple[str, torch.Tensor]]:
+def read_bucket(bucket: torch.Tensor, entries: list[BucketEntry], base: int = 0) -> list[tuple[str, torch.Tensor]]:
     """Views over `bucket` for each header entry, checked against the bucket's bounds."""
-    if not isinstance(entries, list):
-        raise ValueError(f"a weight bucket header must list its tensors, got {type(entries).__name__}")
     views = []
     for entry in entries:
-        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
-                and isinstance(entry[2], list) and all(isinstance(d, int) and d >= 0 for d in entry[2])
-                and isinstance(entry[3], int) and entry[3] >= 0 and entry[3] % ALIGN == 0):
-            raise ValueError(f"malformed weight bucket entry {entry!r:.200}")
-        name, dtype, shape, offset = entry[0], parse_dtype(entry[1]), entry[2], base + entry[3]
-        size = torch.Size(shape).numel() * dtype.itemsize
+        dtype, offset = parse_dtype(entry.dtype), base + entry.offset
+        size = torch.Size(entry.shape).numel() * dtype.itemsize
         if offset + size > bucket.numel():
-            raise ValueError(f"weight bucket entry {name!r} ({size} bytes at {offset}) overruns its "
+            raise ValueError(f"weight bucket entry {entry.name!r} ({size} bytes at {offset}) overruns its "
                              f"{bucket.numel()}-byte bucket")
-        views.append((name, bucket[offset:offset + size].view(dtype).view(shape)))
+        views.append((entry.name, bucket[offset:offset + size].view(dtype).view(entry.shape)))
     return views
 
 
-def error_record(exc: Exception) -> dict:
-    """An engine-side exception as a msgpack-able reply: type, nearest ValueError/TypeError/PermissionError, message."""
-    kind = next((k.__name__ for k in type(exc).__mro__ if k in (ValueError, TypeError, PermissionError)),
-                "RuntimeError")
-    record = {"ok": False, "error": type(exc).__name__, "kind": kind, "message": str(exc) or repr(exc)}
-    if isinstance(exc, WeightUpdateError):
-        record["problems"] = exc.problems
-    return record
+# -- messages -------------------------------------------------------------------------------------
+class MessageCodec:
+    """Encodes the Structs of one tagged union; decodes a header into the right one of them.
+
+    A header that is not msgpack, not a map with a string tag, of an unknown kind, or with a field
+    missing or of the wrong type raises `ValueError` saying which (the known kinds, the field).
+    """
+
+    def __init__(self, what: str, *types: type[msgspec.Struct]):
+        self.what, self.tag_field = what, types[0].__struct_config__.tag_field
+        self.kinds = sorted(t.__struct_config__.tag for t in types)
+        self._decoder = msgspec.msgpack.Decoder(Union[types])
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def encode(self, message: msgspec.Struct) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, raw) -> msgspec.Struct:
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            raise ValueError(self._explain(raw, e)) from None
+
+    def _explain(self, raw, error: msgspec.DecodeError) -> str:
+        try:
+            header = msgspec.msgpack.decode(raw)
+        except msgspec.DecodeError:
+            return f"malformed {self.what}: the header is not msgpack"
+        tag = header.get(self.tag_field) if isinstance(header, dict) else None
+        if not isinstance(tag, str):
+            return f"malformed {self.what}: the header must be a map with a string {self.tag_field!r}"
+        if tag not in self.kinds:
+            return f"unknown {self.what} {self.tag_field} {tag!r}; known: {self.kinds}"
+        return f"malformed {tag!r} {self.what}: {error}"
 
 
-def remote_error(record: dict, where: str) -> Exception:
-    """The exception a sender raises for an engine's error record: a refused update raises the same
-    `WeightUpdateError` (same `problems`, same message) as `LLM.update_weights` in process."""
-    problems = record.get("problems")
-    if record.get("error") == "WeightUpdateError" and isinstance(problems, dict):
-        exc = WeightUpdateError(problems)
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"raised by the {where}")
-        return exc
-    kind = {"ValueError": ValueError, "TypeError": TypeError, "PermissionError": PermissionError}.get(
-        record.get("kind"), RuntimeError)
-    return kind(f"{where}: {record.get('error')}: {record.get('message')}")
+def kind(message: msgspec.Struct) -> str:
+    """The tag of a message: what its header says it is."""
+    return type(message).__struct_config__.tag
+
+
+# -- the error codec --------------------------------------------------------------------------------
+class RemoteError(RuntimeError):
+    """The other side failed for a reason other than bad input; the message names its exception type."""
+
+
+class Failure(msgspec.Struct, kw_only=True):
+    """An exception on the wire: its type, the kind the other side raises, its message, a refusal's problems."""
+
+    error: str
+    kind: str
+    message: str
+    problems: dict[str, list[str]] | None = None
+
+
+_KINDS = (WeightUpdateError, ValueError, TypeError, PermissionError, TimeoutError, NotImplementedError)
+_BY_NAME = {k.__name__: k for k in _KINDS}
+
+
+def failure(exc: BaseException, reply: type[Failure] = Failure, **fields) -> Failure:
+    """`exc` as a `reply` (a `Failure` Struct): kind is the nearest of `_KINDS` in its MRO, else RuntimeError."""
+    nearest = next((k for k in type(exc).__mro__ if k in _KINDS), RuntimeError)
+    problems = exc.problems if isinstance(exc, WeightUpdateError) else None
+    return reply(error=type(exc).__name__, kind=nearest.__name__, message=str(exc) or repr(exc), problems=problems,
+                 **fields)
+
+
+def remote_error(failed: Failure, where: str) -> Exception:
+    """The exception to raise for a `Failure` that came from `where`: a refused update is the same
+    `WeightUpdateError` (same `problems`) as `LLM.update_weights` in process; other kinds than `_KINDS`
+    are a `RemoteError`. The message starts with `where`."""
+    if failed.kind == WeightUpdateError.__name__ and failed.problems is not None:
+        return WeightUpdateError(failed.problems, where=where)
+    raised = _BY_NAME.get(failed.kind, RemoteError)
+    return (ValueError if raised is WeightUpdateError else raised)(f"{where}: {failed.error}: {failed.message}")
 
 
 def check_positive(field: str, value) -> None:

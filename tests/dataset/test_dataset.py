@@ -179,3 +179,55 @@ def test_engine_is_kept_fed(tiny, tmp_path, monkeypatch):
     first_drop = next(k for k, c in enumerate(in_flight) if c < 4)
     assert set(in_flight[:first_drop]) == {4}  # 2 x max_num_seqs sequences / n, refilled at every step
     assert first_drop > 10 and in_flight[first_drop:] == sorted(in_flight[first_drop:], reverse=True)  # then the tail
+
+
+def test_update_weights_during_generate_dataset_lands_between_steps(tiny_model_dir, tmp_path):
+    """A weight update from another thread waits for a step boundary (the step lock), and the rows say which
+    weights produced them: prompts started before the update carry version 0, those started after it 1."""
+    import threading
+    import time
+
+    llm = LLM(tiny_model_dir, max_num_seqs=4)
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, 24)
+    model = llm.model
+    new = [(name, p.detach() * 1.01) for name, p in model.named_parameters()]
+    counters, torn, inside = [], [], threading.Event()
+    version_sum = lambda: sum(p._version for p in model.parameters())  # noqa: E731
+
+    def before(module, args, kwargs):
+        counters.append(version_sum())
+        if len(counters) == 6:
+            inside.set()
+            time.sleep(0.2)  # the update is waiting now: without the step lock it would land in this forward
+
+    def after(module, args, kwargs, output):
+        if version_sum() != counters[-1]:
+            torn.append(len(counters))
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    result = {}
+
+    def update():
+        inside.wait(timeout=60)
+        result["version"] = llm.update_weights(new)
+        result["steps"] = len(counters)
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    try:
+        summary = generate_dataset(llm, prompts, SamplingParams(max_tokens=6, seed=1), tmp_path / "out",
+                                   batch_size=4, use_tqdm=False)
+    finally:
+        thread.join(timeout=60)
+        for h in hooks:
+            h.remove()
+    assert summary.complete and result["version"] == 1
+    assert torn == []
+    assert 6 <= result["steps"] < len(counters) - 5  # applied while the dataset was generating
+    rows = _rows(tmp_path / "out")
+    by_prompt = {r["prompt_index"]: r["weight_version"] for r in rows}
+    assert set(by_prompt.values()) == {0, 1}
+    first_new = min(i for i, v in by_prompt.items() if v == 1)
+    assert all(v == 1 for i, v in by_prompt.items() if i > first_new + 8)  # later prompts all on the new weights

@@ -1,7 +1,8 @@
 """Resume after SIGKILL through the CLI: the final dataset equals an uninterrupted run, row for row; a rerun
-with other parameters is refused and changes nothing."""
+with other parameters is refused and changes nothing; a rerun of a finished dataset loads no model."""
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -115,7 +116,7 @@ def test_rerun_with_other_parameters_is_refused(job, reference):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     reward_fn = load_callable(reward)
     changed = SamplingParams(**{**PARAMS, "temperature": 0.5})
-    with pytest.raises(OutputDirError, match=r"other parameters \(sampling_params: .*'temperature': 1\.0"):
+    with pytest.raises(OutputDirError, match=r"other parameters \(temperature: 1\.0 -> 0\.5\): .* --overwrite"):
         generate_dataset(llm, root / "prompts.jsonl", changed, out, reward_fn, batch_size=2, use_tqdm=False,
                          reward_name=reward)
     with pytest.raises(OutputDirError, match=r"other parameters \(format: 'parquet' -> 'jsonl'\)"):
@@ -133,3 +134,28 @@ def test_rerun_with_other_parameters_is_refused(job, reference):
     assert replaced.num_prompts_generated == NUM_PROMPTS
     rows = _rows(out)
     assert len(rows) == NUM_PROMPTS * N and max(len(r["completion_token_ids"]) for r in rows) <= 4
+
+
+def test_finished_rerun_and_mismatch_are_told_before_the_model_loads(tmp_path, tiny_model_dir, run_cli):
+    model, prompts, out = tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path / "out"
+    shutil.copytree(tiny_model_dir, model)
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(3)))
+    args = ["--model", model, "--prompts", prompts, "--out", out, "--n", 2, "--max-tokens", 4, "--no-progress",
+            "--dtype", "fp32"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    (model / "model.safetensors").write_bytes(b"not weights")  # from here on, loading the model fails
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already complete with these parameters (6 rows, 3 prompts)" in again.stdout
+    assert "the model was not loaded" in again.stdout
+
+    changed = run_cli(*args, "--temperature", "0.7", "--max-tokens", "4")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "other parameters (temperature: 1.0 -> 0.7): use another output folder, or --overwrite" in changed.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    replaced = run_cli(*args, "--overwrite")  # goes on to load the model: proof the reruns above did not
+    assert replaced.returncode != 0 and "SafetensorError" in replaced.stderr, replaced.stderr

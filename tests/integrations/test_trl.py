@@ -45,10 +45,17 @@ def reward_len(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test in its own folder: the trainers' relative output_dir lands under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def train_args(cls, steps: int, lr: float = 1e-2, **kw):
-    return cls(output_dir="/tmp/rollserve-trl-test", per_device_train_batch_size=4, num_generations=4,
+    return cls(output_dir="trl-output", per_device_train_batch_size=4, num_generations=4,
                max_completion_length=6, max_steps=steps, learning_rate=lr, logging_steps=1, report_to=[],
-               use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True, **kw)
+               use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True,
+               activation_checkpointing=True, **kw)  # TRL's default, named as transformers 5 wants it
 
 
 def dataset():
@@ -236,7 +243,7 @@ def test_errors_name_the_field(tokenizer):
         backend.generate([[1, 2]], [["an image"]], 1)
 
 
-def test_example_runs_end_to_end(smollm2_path):
+def test_example_runs_end_to_end(smollm2_path, tmp_path):
     """The example on the real SmolLM2 for 2 short steps: it trains and its logprobs match the trainer's.
 
     Two steps cannot show the reward improving; this checks that every step reports a
@@ -250,7 +257,8 @@ def test_example_runs_end_to_end(smollm2_path):
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=str(root))
     out = subprocess.run([sys.executable, str(root / "examples" / "trl_grpo.py"), "--steps", "2",
-                          "--num-generations", "2", "--prompts-per-step", "1", "--max-completion-length", "8"],
+                          "--num-generations", "2", "--prompts-per-step", "1", "--max-completion-length", "8",
+                          "--output-dir", str(tmp_path / "grpo")],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = re.findall(r"step +(\d+) +reward ([-\d.]+) +logp diff mean \S+ max (\S+)", out.stdout)

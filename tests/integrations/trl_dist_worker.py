@@ -46,7 +46,8 @@ def main():
     # 2 ranks x 4 rows = one group of 4 completions per rank and step; each rank generates its own prompts.
     args = GRPOConfig(output_dir=output_dir, per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=6, max_steps=3, learning_rate=1e-2, logging_steps=1, report_to=[],
-                      use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True, deepspeed=zero3)
+                      use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True, deepspeed=zero3,
+                      activation_checkpointing=True)  # TRL's default, named as transformers 5 wants it
     assert not any(hasattr(p, "ds_id") for p in model.parameters())  # not partitioned yet
     trainer = rtrl.GRPOTrainer(model=model, reward_funcs=reward_len, args=args,
                                train_dataset=dataset(), processing_class=tokenizer,

@@ -29,7 +29,7 @@ def test_decode_attention_matches_the_reference(heads, sliding_window, softcap, 
     lengths = [1, 4, 7, 13, 20, 16, 33]  # one token, a full block, partial blocks, beyond the window
     args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 4, lengths, dtype, seed=head_dim)
     scale = head_dim ** -0.5
-    out = cpu_ext.paged_decode_attention(*args, scale, sliding_window, softcap)
+    out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, softcap)
     ref = paged_decode_attention(*args, scale, sliding_window, softcap)
     assert out.shape == ref.shape and out.dtype == dtype
     tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -41,6 +41,6 @@ def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
     query, k_cache, v_cache, tables, lens = _case(6, 9, 3, 64, 16, [17, 40, 3, 64, 65, 1], torch.float32, seed=7)
     data = torch.stack([torch.stack([k_cache, v_cache])] * 2)  # [layers, k/v, blocks, block, heads, dim]
     strided = query.transpose(0, 1).contiguous().transpose(0, 1)
-    out = cpu_ext.paged_decode_attention(strided, data[1, 0], data[1, 1], tables, lens, 0.125)
+    out = cpu_ext.paged_decode_attention_ext(strided, data[1, 0], data[1, 1], tables, lens, 0.125)
     torch.testing.assert_close(out, paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125),
                                atol=2e-6, rtol=2e-6)

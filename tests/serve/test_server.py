@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_llama
+from helpers import NAN_PROBLEMS, nan_update, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 KV_BYTES = 64 << 20
 MAX_UPDATE_BYTES = 32 << 20  # the tiny model's full state (~25 MB) fits in one ZMQ update
+SERVED_NAMES = ("tiny", "tiny-alias")
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -79,7 +80,8 @@ def server(tiny_folder):
     # double-buffered: weight updates are staged while the engine generates (the in-process and
     # shared-memory transport tests cover the default, copy-in updates)
     s = Server(tiny_folder, "--api-key", API_KEY, "--max-request-bytes", str(1 << 20), "--max-num-seqs", "64",
-               "--max-update-bytes", str(MAX_UPDATE_BYTES), "--double-buffer-weights")
+               "--max-update-bytes", str(MAX_UPDATE_BYTES), "--double-buffer-weights",
+               "--served-model-name", *SERVED_NAMES)
     yield s
     assert s.stop() == 0, "".join(s.log)  # SIGTERM: a clean exit
     assert any("server stopped" in line for line in s.log)
@@ -165,7 +167,7 @@ def test_openai_client_completions_chat_streaming_logprobs(server, remote):
     from rollserve import SamplingParams
 
     client = openai.OpenAI(base_url=server.info["http"] + "/v1", api_key=API_KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == [server.info["model"]]
+    assert [m.id for m in client.models.list().data] == list(SERVED_NAMES) and server.info["model"] == "tiny"
     out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, n=2, seed=5, logprobs=2,
                                     temperature=1.0, top_p=1.0, extra_body={"return_token_ids": True})
     ref = remote.generate("Hello there", SamplingParams(n=2, max_tokens=6, seed=5, logprobs=2))[0]
@@ -192,12 +194,56 @@ def test_openai_client_completions_chat_streaming_logprobs(server, remote):
     assert chat.choices[0].message.content == cref.outputs[0].text
     assert [t.logprob for t in chat.choices[0].logprobs.content] == cref.outputs[0].logprobs
     assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, seed=9, stream=True)
+    stream = list(client.chat.completions.create(model="tiny-alias", messages=messages, max_tokens=5, seed=9,
+                                                 stream=True, stream_options={"include_usage": True}))
     pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
     assert "".join(pieces) == cref.outputs[0].text
+    assert {ch.model for ch in stream} == {"tiny"}  # an alias is answered under the first name
+    assert all(ch.usage is None for ch in stream[:-1]) and stream[-1].choices == []
+    assert stream[-1].usage.completion_tokens == len(cref.outputs[0].token_ids)
+    assert stream[-1].usage.prompt_tokens == len(cref.prompt_token_ids)
 
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=3.0)
+
+
+def test_unknown_model_is_a_404_naming_the_served_models(server):
+    import httpx2 as httpx
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", chat)):
+        r = httpx.post(server.info["http"] + path, json={"model": "gpt-4", "max_tokens": 2, **body}, headers=headers)
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["type"] == "NotFoundError" and error["param"] == "model" and error["code"] == 404
+        assert "'gpt-4' does not exist" in error["message"] and "'tiny', 'tiny-alias'" in error["message"]
+    no_model = httpx.post(server.info["http"] + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                          headers=headers)
+    assert no_model.status_code == 200 and no_model.json()["model"] == "tiny"
+    keyless = httpx.post(server.info["http"] + "/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert keyless.status_code == 401 and "tiny" not in keyless.text  # the key first: no names told without it
+
+
+def test_access_log_line_per_request(server):
+    import httpx2 as httpx
+
+    http = server.info["http"]
+    r = httpx.post(http + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3,
+                                                   "ignore_eos": True}, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    with httpx.stream("POST", http + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "ignore_eos": True,
+                            "stream": True}) as streamed:
+        assert streamed.status_code == 200 and "[DONE]" in streamed.read().decode()
+    httpx.get(http + "/health")
+    line = re.compile(r'rollserve\.access: 127\.0\.0\.1:\d+ "POST /v1/completions" 200 '
+                      rf"prompt_tokens={prompt_tokens} completion_tokens=3 \d+\.\d{{3}}s$")
+    stream_line = re.compile(r'"POST /v1/chat/completions" 200 prompt_tokens=\d+ completion_tokens=4 ')
+    _wait_for(lambda: any(line.search(entry.rstrip()) for entry in server.log), timeout=30)
+    _wait_for(lambda: any(stream_line.search(entry) for entry in server.log), timeout=30)
+    _wait_for(lambda: any('"GET /health" 200 ' in entry for entry in server.log), timeout=30)
 
 
 def test_api_key_required(server):
@@ -460,6 +506,44 @@ def test_update_weights_over_a_distributed_group(server, tiny_folder):
         r.close()
 
 
+def test_nan_update_over_zmq_raises_weight_update_error(server, remote):
+    from rollserve.serve.client import RemoteLLM
+    from rollserve.weight_sync import WeightUpdateError
+
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="zmq") as zr:
+        with pytest.raises(WeightUpdateError) as refused:
+            zr.update_weights(nan_update())
+    assert refused.value.problems == NAN_PROBLEMS
+    assert str(refused.value).startswith(f"rollserve server at {server.info['zmq']}: ")
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+
+
+def test_nan_update_over_the_servers_weight_group_raises_weight_update_error(server, remote):
+    from rollserve.serve.client import RemoteLLM
+    from rollserve.weight_sync import WeightUpdateError
+
+    version, fingerprint = remote.weight_version, remote.weights_fingerprint()
+    with RemoteLLM(server.info["zmq"], timeout=30, api_key=API_KEY, weight_transport="distributed") as r:
+        r.init_weight_group(timeout_s=60)
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "ready", 30)
+        with pytest.raises(WeightUpdateError) as refused:
+            r.update_weights(nan_update())
+        assert refused.value.problems == NAN_PROBLEMS
+        assert str(refused.value).startswith("engine at group rank 1: ")
+        assert r.health()["weight_group"]["state"] == "ready", "the group survives a refused update"
+        r.close_weight_group()
+        _wait_for(lambda: r.health()["weight_group"]["state"] == "closed", 30)
+    assert remote.weight_version == version and remote.weights_fingerprint() == fingerprint
+
+
+def test_every_request_kind_has_a_handler():
+    from rollserve.serve import protocol
+    from rollserve.serve.server import HANDLERS
+
+    assert sorted(t.__struct_config__.tag for t in HANDLERS) == protocol.REQUESTS.kinds
+
+
 def test_pause_modes_keep_wait_abort(server, remote):
     from rollserve import SamplingParams
 
@@ -545,3 +629,41 @@ def test_killed_server_fails_clients_within_timeout_and_restart_serves_them(tiny
     finally:
         r.close()
         srv.stop()
+
+
+def test_streamed_deltas_report_the_weight_version_of_their_tokens(server, remote, tiny_folder):
+    """RemoteLLM.stream and HTTP streaming: a request in flight across an update shows the change in its
+    per-token versions, each delta's version is its first token's, and a request started after the update
+    reports the new version in every delta."""
+    import urllib.request
+
+    from transformers import AutoModelForCausalLM
+
+    from rollserve import SamplingParams
+
+    weights = [(n, p.detach()) for n, p in AutoModelForCausalLM.from_pretrained(tiny_folder).named_parameters()]
+    v0 = remote.weight_version
+    stream = remote.stream([3, 4, 5], SamplingParams(max_tokens=400, ignore_eos=True, seed=3))
+    deltas = [next(stream), next(stream)]
+    v1 = remote.update_weights(weights, version=v0 + 1)
+    deltas += list(stream)
+    versions = [v for d in deltas for c in d.outputs for v in c.weight_versions]
+    assert len(versions) == 400 and versions[0] == v0 and versions[-1] == v1 and versions == sorted(versions)
+    for d in deltas:
+        for c in d.outputs:
+            if c.weight_versions:
+                assert d.weight_version == c.weight_versions[0]
+
+    after = list(remote.stream([3, 4, 5], SamplingParams(max_tokens=12, ignore_eos=True)))
+    assert after and all(d.weight_version == v1 for d in after)
+    assert [v for d in after for c in d.outputs for v in c.weight_versions] == [v1] * 12
+
+    body = {"model": server.info["model"], "prompt": "Hello", "max_tokens": 8, "stream": True,
+            "return_token_ids": True, "ignore_eos": True}
+    request = urllib.request.Request(server.info["http"] + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {API_KEY}",
+                                              "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        chunks = [json.loads(line[len(b"data: "):]) for line in r if line.startswith(b"data: {")]
+    per_token = [v for ch in chunks for choice in ch["choices"] for v in choice.get("weight_versions") or []]
+    assert per_token == [v1] * 8

@@ -20,6 +20,7 @@ import msgpack
 import pytest
 import torch
 import zmq
+from helpers import NAN_PROBLEMS, nan_update, tiny_model_dir  # noqa: F401 - tiny_model_dir is a fixture
 
 from rollserve.weight_sync import WeightUpdateError, weights_fingerprint
 from rollserve.weight_sync.transports import (DistributedReceiver, DistributedSender, InProcessSender,
@@ -338,6 +339,68 @@ def test_in_process_sender_hands_tensors_over():
     assert results.get_nowait() == {"version": 4, "tensors": expected(named)}
     with pytest.raises(TypeError, match="update_weights"):
         InProcessSender(object())
+
+
+# -- a NaN update on every transport: WeightUpdateError naming the tensor, nothing applied -------------
+def check_nan_refused(send, state, where: str) -> None:
+    before = state()
+    with pytest.raises(WeightUpdateError) as refused:
+        send(nan_update())
+    assert refused.value.problems == NAN_PROBLEMS
+    assert str(refused.value).startswith(where), "the message says which engine refused it"
+    assert state() == before, "weights fingerprint and weight_version unchanged"
+
+
+def test_nan_update_in_process_raises_weight_update_error(tiny_model):
+    from rollserve import LLM
+
+    llm = LLM(tiny_model("llama"), kv_cache_memory=1 << 22)
+    check_nan_refused(llm.update_weights, lambda: (llm.weight_version, llm.weights_fingerprint()),
+                      "update_weights rejected the update")
+
+
+def test_nan_update_over_shared_memory_raises_weight_update_error(tiny_model_dir):
+    commands, replies = SPAWN.Queue(), SPAWN.Queue()
+    proc = SPAWN.Process(target=run_llm_engine, args=("shm", str(tiny_model_dir), None, commands, replies),
+                         daemon=True)
+    proc.start()
+    address = replies.get(timeout=120)
+
+    def state():
+        commands.put("state")
+        return replies.get(timeout=120)
+
+    with SharedMemorySender(address, timeout_s=60) as sender:
+        check_nan_refused(sender.send, state, f"engine at {address}: ")
+    commands.put("stop")
+    proc.join(30)
+    assert proc.exitcode == 0
+
+
+def test_nan_update_over_a_distributed_group_raises_weight_update_error(tiny_model_dir):
+    port = free_port()
+    commands, replies = SPAWN.Queue(), SPAWN.Queue()
+    proc = SPAWN.Process(target=run_llm_engine, args=("dist", str(tiny_model_dir), f"tcp://127.0.0.1:{port}",
+                                                      commands, replies), daemon=True)
+    proc.start()
+    sender = DistributedSender(weight_sync_group(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, timeout_s=120))
+    assert replies.get(timeout=120) == "ready"
+
+    def send(named):
+        commands.put("receive")
+        try:
+            return sender.send(named)
+        finally:
+            assert str(replies.get(timeout=120)).startswith("refused: ")
+
+    def state():
+        commands.put("state")
+        return replies.get(timeout=120)
+
+    check_nan_refused(send, state, "engine at group rank 1: ")
+    commands.put("stop")
+    proc.join(30)
+    assert proc.exitcode == 0
 
 
 # -- end to end: SmolLM2-135M into an LLM in another process ------------------------------------
