@@ -1,23 +1,42 @@
-"""Rollout throughput on the GRPO workload: rollserve vs HF `model.generate`, same process, same prompts.
+"""Rollout throughput: rollserve vs peer engines on the same workload, in one invocation.
 
-    python benchmarks/rollout_throughput.py [--dtype bf16 fp32] [--num-prompts 32] [--hf-batch 4] [--skip-hf]
-                                            [--sampling plain controls]
+    python benchmarks/rollout_throughput.py [--peers vllm,hf-cb,hf] [--long] [--dtype fp32 bf16]
+                                            [--num-prompts N] [--sampling plain controls]
+                                            [--peer-timeout 1800] [--hf-batch 4]
 
-Prints completion tokens/s for each and the ratio rollserve / generate, and the
-share of the run spent in sampling + logprobs (building the per-row parameter
-tensors and the sampler call). "plain" is the GRPO setting (T=1, sampled-token
-logprobs); "controls" adds top_p=0.95, top_k=50 and logprobs=5.
+The workload (benchmarks/workload.py) is GRPO-shaped by default: 32 chat
+prompts x n=8, T=1, 128 new tokens with ignore_eos; `--long` is 16 prompts x
+n=4 x 1024 tokens. rollserve runs in this process; each peer runs in its own
+process (benchmarks/peer.py) under `--peer-timeout`: one that does not finish
+in time is reported as such, not as a crash. vLLM's CPU build runs in its own
+venv, made on first use (benchmarks/vllm_venv.py).
+
+Prints completion tokens/s for each engine and its ratio to rollserve, the
+GEMM-only ceiling (benchmarks/gemm_ceiling.py: the model's linear layers for
+one decode step at the batch rows the engine ran) and the fraction of it each
+engine reached, and where rollserve's time went: the forward pass, the
+sampler (with building its per-row tensors) and the rest of the step (packing
+the batch, postprocess). "plain" sampling is the GRPO setting (T=1,
+sampled-token logprobs); "controls" adds top_p=0.95, top_k=50 and logprobs=5
+(rollserve only).
 """
 
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workload import MAX_NEW_TOKENS, NUM_GENERATIONS, TEMPERATURE, conversations  # noqa: E402
+import vllm_venv  # noqa: E402
+from gemm_ceiling import gemm_step_seconds  # noqa: E402
+from workload import GRPO, LONG, Workload, conversations  # noqa: E402
 
 import rollserve.engine.llm_engine as llm_engine  # noqa: E402
 from rollserve import LLM, SamplingParams, smollm2_135m_instruct  # noqa: E402
@@ -26,6 +45,9 @@ SAMPLING = {
     "plain": dict(logprobs=0),
     "controls": dict(top_p=0.95, top_k=50, logprobs=5),
 }
+PEERS = ("vllm", "hf-cb", "hf")
+MAX_NUM_SEQS = 256
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
 
 
 class _Timed:
@@ -42,71 +64,116 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
-def run_rollserve(path, dtype, convs, sampling: str, llm: LLM | None = None) -> tuple[float, int, float, LLM]:
-    """Returns (tokens/s, tokens, share of the time in sampling + logprobs, llm)."""
-    llm = llm or LLM(str(path), dtype=dtype, seed=0)
-    params = SamplingParams(n=NUM_GENERATIONS, temperature=TEMPERATURE, max_tokens=MAX_NEW_TOKENS,
+def run_rollserve(llm: LLM, w: Workload, sampling: str) -> tuple[float, int, dict]:
+    """Returns (tokens/s, tokens, {part: share of the run}) for one timed `chat` call."""
+    params = SamplingParams(n=w.n, temperature=w.temperature, max_tokens=w.max_tokens, ignore_eos=w.ignore_eos,
                             **SAMPLING[sampling])
-    llm.chat(convs[:2], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    llm.chat(conversations(2), SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()
-    sampler, batch_cls = _Timed(llm.engine.sampler), _Timed(llm_engine.SamplingBatch)
-    llm.engine.sampler, llm_engine.SamplingBatch = sampler, batch_cls
+    engine, runner = llm.engine, llm.engine.runner
+    sampler, batch_cls, forward = _Timed(engine.sampler), _Timed(llm_engine.SamplingBatch), _Timed(runner.forward)
+    step = _Timed(engine.step)
+    engine.sampler, llm_engine.SamplingBatch, runner.forward, engine.step = sampler, batch_cls, forward, step
     try:
         start = time.perf_counter()
-        outs = llm.chat(convs, params, use_tqdm=False)
+        outs = llm.chat(conversations(w.num_prompts), params, use_tqdm=False)
         elapsed = time.perf_counter() - start
     finally:
-        llm.engine.sampler, llm_engine.SamplingBatch = sampler.fn, batch_cls.fn
+        del runner.forward, engine.step  # back to the class's methods
+        engine.sampler, llm_engine.SamplingBatch = sampler.fn, batch_cls.fn
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return tokens / elapsed, tokens, (sampler.seconds + batch_cls.seconds) / elapsed, llm
+    sampling_s = sampler.seconds + batch_cls.seconds
+    shares = {"forward": forward.seconds, "sampler": sampling_s, "rest of step": step.seconds - forward.seconds
+              - sampling_s, "outside steps": elapsed - step.seconds}
+    return tokens / elapsed, tokens, {k: v / elapsed for k, v in shares.items()}
 
 
-def run_hf_generate(llm: LLM, convs, batch: int) -> tuple[float, int]:
-    tok, model = llm.tokenizer, llm.model
-    tok.padding_side = "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    eos = llm.engine.eos_token_ids
-    tokens, start = 0, time.perf_counter()
-    for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**enc, do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0,
-                                 max_new_tokens=MAX_NEW_TOKENS, num_return_sequences=NUM_GENERATIONS,
-                                 pad_token_id=pad)
-        for row in out[:, enc.input_ids.shape[1]:].tolist():
-            n = len(row)
-            for j, t in enumerate(row):
-                if t in eos:
-                    n = j + 1
-                    break
-            tokens += n
-    return tokens / (time.perf_counter() - start), tokens
+def run_peer(engine: str, model: str, dtype: str, w: Workload, timeout: float, hf_batch: int) -> dict:
+    """Runs benchmarks/peer.py ENGINE in its own process group; returns its RESULT, or {"error": ...}."""
+    python, env = sys.executable, dict(os.environ)
+    if engine == "vllm":
+        python = str(vllm_venv.ensure())
+        env.update(VLLM_ENV)
+        env.pop("PYTHONPATH", None)
+    cmd = [python, os.path.join(os.path.dirname(__file__), "peer.py"), engine, "--model", model, "--dtype", dtype,
+           "--workload", json.dumps(asdict(w)), "--hf-batch", str(hf_batch)]
+    with tempfile.NamedTemporaryFile("w+", prefix=f"peer-{engine}-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # vLLM leaves an engine-core child: end the whole group
+            proc.wait()
+            return {"error": f"> {timeout:.0f} s, did not finish (log: {log.name})"}
+        log.seek(0)
+        lines = log.read().splitlines()
+    results = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
+    if rc != 0 or not results:
+        tail = " | ".join(lines[-3:])
+        return {"error": f"exited with {rc} (log: {log.name}): {tail}"}
+    os.unlink(log.name)
+    return results[-1]
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"])
-    ap.add_argument("--num-prompts", type=int, default=32)
-    ap.add_argument("--hf-batch", type=int, default=4, help="prompts per model.generate call")
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--sampling", nargs="+", default=["plain", "controls"], choices=sorted(SAMPLING))
+    ap.add_argument("--peers", default="", help=f"comma-separated, from {','.join(PEERS)}")
+    ap.add_argument("--long", action="store_true", help=f"the long workload: {LONG.describe()}")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--num-prompts", type=int, default=None, help="fewer prompts than the workload's")
+    ap.add_argument("--sampling", nargs="+", default=["plain"], choices=sorted(SAMPLING))
+    ap.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds, per peer run, loading included")
+    ap.add_argument("--hf-batch", type=int, default=4, help="prompts per model.generate call (hf)")
     args = ap.parse_args()
-    path = smollm2_135m_instruct()
-    convs = conversations(args.num_prompts)
-    print(f"workload: {len(convs)} prompts x n={NUM_GENERATIONS}, T={TEMPERATURE}, max_tokens={MAX_NEW_TOKENS}; "
-          f"torch threads={torch.get_num_threads()}")
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        ap.error(f"--peers: unknown {sorted(unknown)}; choose from {','.join(PEERS)}")
+    w = LONG if args.long else GRPO
+    if args.num_prompts:
+        w = Workload(w.name, args.num_prompts, w.n, w.max_tokens, w.temperature, w.ignore_eos)
+    path = str(smollm2_135m_instruct())
+    rows = min(w.num_seqs, MAX_NUM_SEQS)
+    print(f"workload {w.describe()}; torch threads={torch.get_num_threads()}; {_load()}", flush=True)
     for dtype in args.dtype:
-        llm = None
+        llm = LLM(path, dtype=dtype, seed=0, max_num_seqs=MAX_NUM_SEQS)
+        results = {}
         for sampling in args.sampling:
-            rs, rs_tokens, share, llm = run_rollserve(path, dtype, convs, sampling, llm)
-            line = (f"[{dtype}, {sampling}] rollserve: {rs:8.1f} tok/s ({rs_tokens} tokens), "
-                    f"sampling+logprobs {100 * share:4.1f}% of the time")
-            if sampling == "plain" and not args.skip_hf:
-                hf, hf_tokens = run_hf_generate(llm, convs, args.hf_batch)
-                line += f" | generate: {hf:7.1f} tok/s ({hf_tokens} tokens) | ratio {rs / hf:5.2f}x"
-            print(line, flush=True)
+            tps, tokens, shares = run_rollserve(llm, w, sampling)
+            name = "rollserve" if sampling == "plain" else f"rollserve ({sampling})"
+            results[name] = {"tokens": tokens, "seconds": tokens / tps}
+            print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
+                  + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items()) + f"; {_load()}", flush=True)
+        step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
         del llm
+        for peer in peers:
+            results[peer] = run_peer(peer, path, dtype, w, args.peer_timeout, args.hf_batch)
+            print(f"[{dtype}] {peer}: {_describe(results[peer])}; {_load()}", flush=True)
+        ceiling = rows / step_s
+        print(f"[{dtype}] GEMM-only ceiling at {rows} rows: {1000 * step_s:.0f} ms per step = {ceiling:.1f} tok/s")
+        _summary(dtype, results, ceiling)
+
+
+def _describe(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    return f"{r['tokens'] / r['seconds']:7.1f} tok/s ({r['tokens']} tokens in {r['seconds']:.1f} s)"
+
+
+def _summary(dtype: str, results: dict, ceiling: float) -> None:
+    base = results["rollserve"]["tokens"] / results["rollserve"]["seconds"] if "rollserve" in results else None
+    print(f"[{dtype}] {'engine':<22} {'tok/s':>8} {'rollserve/x':>12} {'of ceiling':>11}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"[{dtype}] {name:<22} {'-':>8} {'-':>12} {'-':>11}  {r['error']}")
+            continue
+        tps = r["tokens"] / r["seconds"]
+        ratio = f"{base / tps:11.2f}x" if base else "-"
+        print(f"[{dtype}] {name:<22} {tps:8.1f} {ratio:>12} {100 * tps / ceiling:10.1f}%")
 
 
 if __name__ == "__main__":

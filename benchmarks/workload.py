@@ -1,4 +1,12 @@
-"""The GRPO-shaped workload shared by the benchmarks: 32 chat prompts x 8 samples, T=1.0, up to 128 tokens."""
+"""The workloads shared by the benchmarks.
+
+The default is GRPO-shaped: 32 chat prompts x 8 samples, T=1.0, up to 128
+tokens. `LONG` is the long-completion shape: 16 prompts x 4 samples x 1024
+tokens. Throughput runs set `ignore_eos` so every engine generates exactly
+prompts x n x max_tokens tokens.
+"""
+
+from dataclasses import dataclass
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -38,6 +46,33 @@ QUESTIONS = [
 NUM_GENERATIONS = 8
 MAX_NEW_TOKENS = 128
 TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_prompts: int
+    n: int
+    max_tokens: int
+    temperature: float = TEMPERATURE
+    ignore_eos: bool = True
+
+    @property
+    def num_seqs(self) -> int:
+        return self.num_prompts * self.n
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_seqs * self.max_tokens
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.num_prompts} chat prompts x n={self.n}, T={self.temperature}, "
+                f"{self.max_tokens} new tokens{' (ignore_eos)' if self.ignore_eos else ''}, "
+                f"{self.num_tokens} tokens")
+
+
+GRPO = Workload("grpo", len(QUESTIONS), NUM_GENERATIONS, MAX_NEW_TOKENS)
+LONG = Workload("long", 16, 4, 1024)
 
 
 def conversations(num_prompts: int = len(QUESTIONS)) -> list[list[dict]]:

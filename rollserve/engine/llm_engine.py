@@ -321,6 +321,7 @@ class LLMEngine:
         while self.scheduler.evict_parked():
             pass
         self.block_manager.reset_prefix_cache()
+        self.runner.weights_changed()
         self.weight_version = version
 
     @property

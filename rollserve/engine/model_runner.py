@@ -6,6 +6,7 @@ import torch
 
 from ..kernels.backend import attention_ops, choose_attention_backend
 from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
+from ..kernels.fused_linear import FusedProjections, find_groups
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
 from .kv_cache import PagedKVCache
 from .scheduler import SchedulerOutput
@@ -61,6 +62,13 @@ class ModelRunner:
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
         self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
+        groups = find_groups(model)
+        self._fused = FusedProjections(groups) if groups else None
+
+    def weights_changed(self) -> None:
+        """New weights are in place: copies derived from them are rebuilt before the next forward."""
+        if self._fused is not None:
+            self._fused.invalidate()
 
     def _new_kv_cache(self) -> PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
@@ -99,17 +107,16 @@ class ModelRunner:
         `(seq, first_packed_row, first_position, count)` for sequences that
         want prompt logprobs: the logits at those prompt positions.
         """
-        dev = self.device
+        dev, bs = self.device, self.block_size
         pairs = list(zip(batch.seqs, batch.num_new_tokens))
-        decodes = [(s, n) for s, n in pairs if n == 1]
+        decodes = [s for s, n in pairs if n == 1]
         prefills = [(s, n) for s, n in pairs if n > 1]
-        ids, pos, slots, rows, query_lens, context_lens, prompt_rows = [], [], [], [], [], [], []
-        for seq, _ in decodes:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.extend(self._slots(seq.block_table, p, p + 1))
-            rows.append(len(ids) - 1 if p + 1 == seq.num_tokens else -1)
+        # Decodes: one token each at position num_computed_tokens; slots from the block table tensor.
+        pos = [s.num_computed_tokens for s in decodes]
+        ids = [s.token_ids[p] for s, p in zip(decodes, pos)]
+        rows = [i if p + 1 == s.num_tokens else -1 for i, (s, p) in enumerate(zip(decodes, pos))]
+        decode_tables = self._block_tables(decodes)
+        slots, query_lens, context_lens, prompt_rows = [], [], [], []
         for seq, n in prefills:
             start, p = len(ids), seq.num_computed_tokens
             ids.extend(seq.token_ids[p:p + n])
@@ -122,23 +129,28 @@ class ModelRunner:
                 if last > first:
                     prompt_rows.append((seq, start + first - p, first, last - first))
             rows.append(len(ids) - 1 if p + n == seq.num_tokens else -1)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         decode_context_lens = None
         if decodes:
-            decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], device=dev)
+            nd = len(decodes)
+            p = positions[:nd]
+            decode_slots = decode_tables.gather(1, (p // bs)[:, None]).squeeze(1) * bs + p % bs
+            slot_mapping = torch.cat([decode_slots, slot_mapping])
+            decode_context_lens = p + 1
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
             ops=self.attention_ops,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=slot_mapping,
             num_decodes=len(decodes),
-            decode_block_tables=self._block_tables([s for s, _ in decodes]),
+            decode_block_tables=decode_tables,
             decode_context_lens=decode_context_lens,
             prefill_query_lens=query_lens,
             prefill_context_lens=context_lens,
             prefill_block_tables=self._block_tables([s for s, _ in prefills]),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        order = [s for s, _ in decodes] + [s for s, _ in prefills]
+        order = decodes + [s for s, _ in prefills]
         return input_ids, positions, meta, rows, order, prompt_rows
 
     @torch.inference_mode()
@@ -148,7 +160,8 @@ class ModelRunner:
         for _, first, _, count in prompt_rows:
             keep.extend(range(first, first + count))
         keep = torch.tensor(keep, dtype=torch.long, device=self.device)
-        with _paged_attention(self._attn_configs), _eval_mode(self.model), (self._gemm or nullcontext()):
+        with (_paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext(),
+              self._fused or nullcontext()):
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],

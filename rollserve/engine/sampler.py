@@ -9,9 +9,13 @@ few largest values are needed to find those thresholds (`torch.topk`, widened
 for the rare row whose top_p mass lies deeper), never a full sort.
 
 Reported logprobs follow the row's `logprobs_mode`: "policy" is
-`log_softmax(logits / T)` on the unmodified logits (T = 1 when greedy) - the
-trainer's own op and division, so the numbers match bit for bit; "sampling"
-is the distribution actually drawn from; "raw" is `log_softmax(logits)`.
+`log_softmax(logits / T)` on the unmodified logits (T = 1 when greedy), on the
+trainer's own division; "sampling" is the distribution actually drawn from;
+"raw" is `log_softmax(logits)`. When a batch asks for no top logprobs and
+nothing modifies or filters its logits (the RL rollout case), the sampled
+token's logprob is `z[tok] - logsumexp(z)` from the same exp pass the draw
+uses, within float rounding of the trainer's `log_softmax`; otherwise the
+full [rows, vocab] `log_softmax` is the trainer's op, bit for bit.
 
 Sampling inverts each row's CDF with one uniform number (drawn from the row's
 own generator when the request is seeded), so a seeded row's draw does not
@@ -27,6 +31,7 @@ ROWS_PER_CHUNK = 16
 CDF_BLOCK = 128  # the CDF is inverted in two levels: blocks of the vocabulary, then tokens within a block
 TOPK_BLOCK = 32  # top-w values are looked for in the w blocks of 32 with the largest maxima
 TOP_P_WIDTHS = (64, 1024)  # filter thresholds are looked for among the top 64 (or top_k), then 1024, then a full sort
+_LOG2E = 1.4426950408889634
 _MODES = {"policy": 0, "sampling": 1, "raw": 2}
 
 
@@ -49,10 +54,17 @@ def _block_sums(e: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def _invert_cdf(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """First token whose running sum of `e` exceeds `target` (never a zero-weight token). e: [rows, vocab]."""
+def _invert_cdf(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws by inverting each row's CDF of unnormalised weights `e` [rows, vocab] at fraction `u` [rows].
+
+    Returns (token, total weight) per row: the first token whose running sum
+    exceeds u * total (never a zero-weight token), and the row's sum of `e`.
+    """
     vocab = e.shape[1]
-    csum = _block_sums(e).cumsum(-1)  # [rows, blocks]
+    sums = _block_sums(e)  # [rows, blocks]
+    total = sums.sum(-1)
+    target = u * total
+    csum = sums.cumsum(-1)
     block = torch.searchsorted(csum, target[:, None], right=True).clamp_max(csum.shape[1] - 1)
     before = torch.where(block > 0, csum.gather(1, (block - 1).clamp_min(0)), torch.zeros_like(target[:, None]))
     idx = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=e.device)  # [rows, CDF_BLOCK]
@@ -60,7 +72,7 @@ def _invert_cdf(e: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     cs = torch.where(valid, e.gather(1, idx.clamp_max(vocab - 1)), 0.0).cumsum(-1)
     j = torch.searchsorted(cs, target[:, None] - before, right=True)
     last = (cs < cs[:, -1:]).sum(-1, keepdim=True)  # where the block's mass is reached: a non-zero token
-    return (block * CDF_BLOCK + torch.minimum(j, last)).squeeze(1)
+    return (block * CDF_BLOCK + torch.minimum(j, last)).squeeze(1), total
 
 
 def _topk(x: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +150,8 @@ class SamplingBatch:
         self.generators = [s.generator for s in seqs]
         self.temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
         self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-        self.all_greedy = bool(self.greedy.all())
         self._t1 = [p.temperature in (0, 1) for p in params]
+        self._greedy = [p.temperature == 0 for p in params]
         self.mode = torch.tensor([_MODES[p.logprobs_mode] for p in params], device=device)
         self.modes = {p.logprobs_mode for p in params}
         self.k_max = max((p.logprobs or 0) for p in params)
@@ -151,7 +163,6 @@ class SamplingBatch:
             self.top_k = torch.tensor([p.top_k for p in params], device=device)
             self.top_p = torch.tensor([p.top_p for p in params], device=device)
             self.min_p = torch.tensor([p.min_p for p in params], device=device)
-            self.has_filters = torch.tensor([p.has_filters for p in params], device=device)
         # Penalties and min_tokens masks, applied to the logits the draw uses (never to "policy"/"raw" logprobs).
         self.penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if self.penalty_rows:
@@ -163,9 +174,21 @@ class SamplingBatch:
                 self.mask_rows.extend([i] * len(banned))
                 self.mask_cols.extend(sorted(banned))
         self.modifies_logits = bool(self.penalty_rows or self.mask_rows)
+        # Every row draws from softmax(logits / T) unmodified and reports only the sampled token's logprob
+        # in a mode that equals the policy's there ("raw" is the policy at T = 1).
+        self.plain = not (self.k_max or self.any_filters or self.modifies_logits) and all(
+            p.logprobs_mode != "raw" or p.temperature in (0, 1) for p in params)
 
     def chunk_all_t1(self, e: slice) -> bool:
         return all(self._t1[e])
+
+    def chunk_greedy(self, e: slice) -> tuple[bool, bool]:
+        """(any, all) rows of the chunk greedy."""
+        g = self._greedy[e]
+        return any(g), all(g)
+
+    def chunk_filters(self, e: slice) -> bool:
+        return self.any_filters and any(p.has_filters for p in self.params[e])
 
     def _build_penalties(self, seqs, vocab: int, device) -> None:
         rows = self.penalty_rows
@@ -226,8 +249,10 @@ class Sampler:
         """logits: [rows, vocab] float32, row i belonging to `batch`'s row i."""
         rows, vocab = logits.shape
         dev = logits.device
-        z_all = batch.apply_penalties(logits) if batch.modifies_logits else logits
         u = self._uniforms(batch.generators).to(dev)
+        if batch.plain:
+            return self._plain(logits, batch, u)
+        z_all = batch.apply_penalties(logits) if batch.modifies_logits else logits
         tokens = torch.empty(rows, dtype=torch.long, device=dev)
         logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
         k = batch.k_max
@@ -237,22 +262,23 @@ class Sampler:
         for s in range(0, rows, ROWS_PER_CHUNK):
             e = slice(s, s + ROWS_PER_CHUNK)
             x, z, temps, greedy = logits[e], z_all[e], batch.temperature[e, None], batch.greedy[e]
+            any_greedy, all_greedy = batch.chunk_greedy(e)
             # The trainer's own op on the trainer's own division, so the numbers match bit for bit.
             # (x / 1.0 is x exactly: skip the pass when the chunk's temperatures are all 1.)
             policy = torch.log_softmax(x if batch.chunk_all_t1(e) else x / temps, dim=-1)
             dist = torch.log_softmax(z / temps, dim=-1) if batch.modifies_logits else policy  # [chunk, vocab], T-scaled
             probs = dist.exp()
             filtered = False
-            if batch.any_filters and bool(batch.has_filters[e].any()):
+            if batch.chunk_filters(e):
                 thr = _thresholds(probs, batch.top_k[e], batch.top_p[e], batch.min_p[e])
                 probs.masked_fill_(probs < thr[:, None], 0.0)
                 filtered = True
-            if batch.all_greedy:
+            if all_greedy:
                 tok = z.argmax(dim=-1)
-            elif bool(greedy.any()):
-                tok = torch.where(greedy, z.argmax(dim=-1), _invert_cdf(probs, u[e] * probs.sum(-1)))
+            elif any_greedy:
+                tok = torch.where(greedy, z.argmax(dim=-1), _invert_cdf(probs, u[e])[0])
             else:
-                tok = _invert_cdf(probs, u[e] * probs.sum(-1))
+                tok = _invert_cdf(probs, u[e])[0]
             tokens[e] = tok
             # Logprobs in each row's mode.
             report = self._report(batch, e, x, policy, dist, probs, filtered)
@@ -269,6 +295,43 @@ class Sampler:
                     rank[d] = (report[d] > sel[d, None]).sum(-1) + 1
                 ranks[e] = rank
         return SamplerOutput(tokens, logprobs, top_ids, top_lps, ranks)
+
+    @staticmethod
+    def _plain(logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> SamplerOutput:
+        """Draws from softmax(z), z = logits / T, with the sampled token's logprob as z[tok] - logsumexp(z).
+
+        One exp pass over the vocabulary serves both the draw and the logsumexp;
+        no [rows, vocab] log_softmax (nor z) is materialised. The weights are
+        exp2((x - max x) * log2(e) / T) = exp(z - max z): exp2 is the cheaper
+        kernel on the CPU, and subtracting the max first keeps the exponents of
+        the tokens that carry the mass exact.
+        """
+        rows, vocab = logits.shape
+        dev = logits.device
+        tokens = torch.empty(rows, dtype=torch.long, device=dev)
+        logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
+        buf = torch.empty(min(rows, ROWS_PER_CHUNK), vocab, dtype=logits.dtype, device=dev)
+        for s in range(0, rows, ROWS_PER_CHUNK):
+            e = slice(s, s + ROWS_PER_CHUNK)
+            x = logits[e]
+            t1 = batch.chunk_all_t1(e)
+            temps = None if t1 else batch.temperature[e, None]
+            mx = x.amax(dim=-1, keepdim=True)
+            w = torch.sub(x, mx, out=buf[:len(x)])
+            w = w.mul_(_LOG2E if t1 else _LOG2E / temps).exp2_()  # [chunk, vocab] unnormalised probabilities
+            any_greedy, all_greedy = batch.chunk_greedy(e)
+            if all_greedy:
+                tok, total = x.argmax(dim=-1), w.sum(-1)
+            else:
+                tok, total = _invert_cdf(w, u[e])
+                if any_greedy:
+                    tok = torch.where(batch.greedy[e], x.argmax(dim=-1), tok)
+            tokens[e] = tok
+            x_tok = x.gather(1, tok[:, None])
+            if not t1:  # the trainer's division, on the one logit needed (max(x / T) = max(x) / T exactly)
+                x_tok, mx = x_tok / temps, mx / temps
+            logprobs[e] = (x_tok - mx).squeeze(1) - total.log()
+        return SamplerOutput(tokens, logprobs)
 
     @staticmethod
     def _report(batch: SamplingBatch, e: slice, x, policy, dist, probs, filtered) -> torch.Tensor:

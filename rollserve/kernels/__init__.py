@@ -7,6 +7,9 @@ implementations (compiled CPU paths, Triton on GPU) are tested against, and the 
 - `decode_attention.paged_decode_attention`: one query token per sequence over its block table.
 - `prefill_attention.paged_prefill_attention`: varlen causal chunks over earlier context in the cache.
 - `cpu_gemm.Fp32Gemm`: half-precision linear layers as fp32 GEMMs on CPUs without half matrix units.
+- `fused_linear.FusedProjections`: each layer's q/k/v and gate/up as one GEMM on fused copies of the weights.
+- `cpu_ext`: the optional C++/OpenMP kernels of csrc/ (built by `make install`): paged decode attention
+  read in place through the block tables.
 
 Cache layout (one layer, K or V): `[num_blocks, block_size, num_kv_heads, head_dim]`; token `p` of a
 sequence lives at slot `block_table[p // block_size] * block_size + p % block_size`.

@@ -1,8 +1,10 @@
-"""Which implementation of the attention ops the engine runs: the torch references or the Triton kernels.
+"""Which implementation of the attention ops the engine runs: the torch references, the CPU extension or Triton.
 
 `auto` takes Triton when the model is on a CUDA device, triton is installed and the block size suits the
-kernels; otherwise the torch references. The Triton modules are imported only once chosen, so a CPU
-machine imports nothing of them.
+kernels; on the CPU it takes "cpu" where the C++ extension is built (`cpu_ext`: its decode attention, the
+references for the rest, and the reference decode for what the extension does not cover, e.g. float64);
+otherwise the torch references. The Triton modules are imported only once chosen, so a CPU machine
+imports nothing of them.
 """
 
 from dataclasses import dataclass
@@ -36,8 +38,11 @@ def choose_attention_backend(requested: str, device: torch.device | str, block_s
     """
     device = torch.device(device)
     if requested == "auto":
-        usable = device.type == "cuda" and triton_installed() and triton_block_size_ok(block_size)
-        return "triton" if usable else "torch"
+        if device.type == "cuda" and triton_installed() and triton_block_size_ok(block_size):
+            return "triton"
+        from . import cpu_ext
+
+        return "cpu" if device.type == "cpu" and cpu_ext.extension() is not None else "torch"
     if requested == "triton":
         if not triton_installed():
             raise ValueError("attention_backend='triton' needs the triton package: pip install 'rollserve[triton]'")
@@ -60,13 +65,13 @@ class AttentionOps:
 
 
 def attention_ops(backend: str) -> AttentionOps:
-    """The ops of a chosen backend ("torch" or "triton")."""
+    """The ops of a chosen backend ("torch", "cpu" or "triton")."""
     if backend == "triton":
         from . import triton_decode_attention, triton_kv_write, triton_prefill_attention
 
         return AttentionOps(triton_kv_write.write_kv, triton_decode_attention.paged_decode_attention,
                             triton_prefill_attention.paged_prefill_attention)
-    from . import decode_attention, kv_write, prefill_attention
+    from . import cpu_ext, decode_attention, kv_write, prefill_attention
 
-    return AttentionOps(kv_write.write_kv, decode_attention.paged_decode_attention,
-                        prefill_attention.paged_prefill_attention)
+    decode = cpu_ext.decode_or_reference if backend == "cpu" else decode_attention.paged_decode_attention
+    return AttentionOps(kv_write.write_kv, decode, prefill_attention.paged_prefill_attention)

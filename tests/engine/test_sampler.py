@@ -63,6 +63,7 @@ def _logits(seed=0, scale=2.0):
 
 CASES = {
     "T1": dict(temperature=1.0),
+    "T0.7": dict(temperature=0.7),
     "T0.7_topk5": dict(temperature=0.7, top_k=5),
     "top_p0.8": dict(top_p=0.8),
     "min_p0.1": dict(min_p=0.1),
@@ -136,6 +137,30 @@ def test_logprob_modes_and_top_logprobs(mode):
         assert set(out.top_ids[i].tolist()) == set(ref_ids.tolist()) or mode == "sampling"
         rank = int((full > full[out.token_ids[i]]).sum()) + 1
         assert out.ranks[i].item() == rank
+
+
+def test_plain_batch_logprob_is_logit_minus_logsumexp():
+    """No top logprobs, penalties or filters: the fast path's sampled-token logprob against float64 log_softmax,
+    in every mode that equals the policy's there, greedy rows included; the draws are the full path's."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, VOCAB, generator=g) * 4
+    temps = [0.0, 0.5, 0.7, 1.0, 1.3, 2.0, 1.0, 0.0] * 8
+    modes = ["policy", "sampling", "raw"]
+    params = [SamplingParams(temperature=t, logprobs=0, logprobs_mode=modes[i % 3] if t in (0, 1) else modes[i % 2])
+              for i, t in enumerate(temps)]
+    batch = SamplingBatch([FakeSeq(p) for p in params], {EOS}, VOCAB, "cpu")
+    assert batch.plain
+    out = Sampler(0)(logits, batch)
+    for i, p in enumerate(params):
+        tok = out.token_ids[i]
+        ref = torch.log_softmax(logits[i].double() / (p.temperature or 1.0), dim=-1)[tok].item()
+        assert abs(out.logprobs[i].item() - ref) < 2e-6, f"row {i} T={p.temperature} {p.logprobs_mode}"
+        if p.temperature == 0:
+            assert tok == logits[i].argmax()
+    full = [SamplingParams(temperature=p.temperature, logprobs=1, logprobs_mode=p.logprobs_mode) for p in params]
+    full_batch = SamplingBatch([FakeSeq(p) for p in full], {EOS}, VOCAB, "cpu")
+    assert not full_batch.plain
+    assert torch.equal(Sampler(0)(logits, full_batch).token_ids, out.token_ids)
 
 
 def test_seeded_row_ignores_the_rest_of_the_batch():

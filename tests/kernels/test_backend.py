@@ -19,7 +19,11 @@ def triton_present(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def test_auto_takes_torch_on_the_cpu_and_triton_on_cuda(triton_present):
+def test_auto_takes_the_cpu_extension_or_torch_on_the_cpu_and_triton_on_cuda(triton_present, monkeypatch):
+    from rollserve.kernels import cpu_ext
+
+    assert choose_attention_backend("auto", "cpu", 16) == ("cpu" if cpu_ext.extension() is not None else "torch")
+    monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     assert choose_attention_backend("auto", "cpu", 16) == "torch"
     assert choose_attention_backend("auto", "cuda:0", 16) == "triton"
     assert choose_attention_backend("auto", "cuda", 32) == "triton"

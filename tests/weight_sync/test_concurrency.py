@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from rollserve import LLM, SamplingParams
 
@@ -59,3 +60,83 @@ def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts
     assert all(n[:4] == o[:4] for n, o in zip(new, old))
     assert all(n != o for n, o in zip(new, old))
     assert all(o.weight_version == 0 for o in outputs)  # admitted under version 0
+
+
+# The last layer's weights that never reach the K/V of earlier tokens (its q/o/MLP and the final norm): with
+# only these changed, a sequence's next token after the update must equal a fresh engine's on the new weights.
+# q_proj and gate_proj/up_proj are the fused groups' members, so stale fused copies would show.
+_LAST_LAYER = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _next_layer_weights(model, trainer) -> dict:
+    last = f"model.layers.{model.config.num_hidden_layers - 1}."
+    names = [last + n + ".weight" for n in _LAST_LAYER] + ["model.norm.weight"]
+    params = dict(trainer.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def _next_token(model, prompt: list[int]):
+    """(token, top-5 raw logprobs) of a fresh engine's first greedy step."""
+    out = LLM(model, kv_cache_memory=1 << 22).generate([prompt], SamplingParams(
+        temperature=0, max_tokens=1, logprobs=5, logprobs_mode="raw"), use_tqdm=False)[0].outputs[0]
+    return out.token_ids[0], out.top_logprobs[0]
+
+
+@pytest.mark.parametrize("mode", ["copy-in", "double-buffer", "zero-copy"])
+def test_update_between_two_steps_reaches_the_next_token(tiny_model, make_prompts, mode):
+    """Weights changed between two steps of a running generate: the next token's logprobs are the new weights'.
+
+    copy-in / double-buffer: `update_weights` from another thread, started inside the 4th forward; the first
+    token labelled with the new version is checked. zero-copy: the engine runs the trainer's own module and
+    the trainer's optimizer steps on it right after the 4th forward (no engine call at all: the fused copies
+    must notice the version counters), so the 5th token is checked.
+    """
+    model = tiny_model("llama", seed=0)
+    llm = LLM(model, kv_cache_memory=1 << 22, double_buffer_weights=mode == "double-buffer")
+    assert llm.engine.runner._fused is not None  # the path under test
+    new = _next_layer_weights(model, tiny_model("llama", seed=1))
+    prompts = make_prompts([6, 9], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5, logprobs_mode="raw")
+    forwards, inside = [], threading.Event()
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.SGD([named[n] for n in new], lr=1.0)
+
+    def before(module, args, kwargs):
+        forwards.append(1)
+        if len(forwards) == 4 and mode != "zero-copy":
+            inside.set()
+            time.sleep(0.2)
+
+    def after(module, args, kwargs, output):
+        if len(forwards) == 4 and mode == "zero-copy":
+            for n, value in new.items():  # one SGD step lands exactly on the new values
+                named[n].grad = named[n].detach() - value
+            optimizer.step()
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    thread = threading.Thread(target=lambda: inside.wait(timeout=60) and llm.update_weights(new))
+    thread.start()
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        inside.set()
+        thread.join(timeout=60)
+        for h in hooks:
+            h.remove()
+    reference = tiny_model("llama", seed=0)
+    old = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if n in new:
+                p.copy_(new[n])
+    for prompt, out in zip(prompts, outs):
+        comp = out.outputs[0]
+        j = 4 if mode == "zero-copy" else comp.weight_versions.index(1)
+        assert 0 < j < len(comp.token_ids) - 1
+        token, top = _next_token(reference, prompt + comp.token_ids[:j])
+        assert comp.token_ids[j] == token
+        assert set(comp.top_logprobs[j]) == set(top)
+        assert all(abs(comp.top_logprobs[j][t] - v) < 1e-4 for t, v in top.items())
+        _, old_top = _next_token(old, prompt + comp.token_ids[:j])
+        assert max(abs(old_top.get(t, -100.0) - v) for t, v in top.items()) > 1e-2  # the update mattered

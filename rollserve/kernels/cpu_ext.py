@@ -1,0 +1,71 @@
+"""The optional C++/OpenMP CPU kernels in csrc/, beside the torch references they are tested against.
+
+`make install` builds them (`python -m rollserve.kernels.cpu_ext`) with
+`torch.utils.cpp_extension` into ~/.cache/rollserve/ext; at run time they are
+loaded only if that build is there (a stale build is rebuilt), and
+`ROLLSERVE_CPU_KERNELS=0` turns them off. Without them the torch references run.
+
+- `paged_decode_attention`: `decode_attention.paged_decode_attention` reading
+  K/V in place through the block tables (no gathered copy), one online-softmax
+  pass per (sequence, KV head), fp32 accumulation; float32, bfloat16 and
+  float16 on the CPU.
+"""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+NAME = "rollserve_cpu_kernels"
+SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def build_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/rollserve/ext")) / f"torch-{torch.__version__}"
+
+
+def build(verbose: bool = False):
+    from torch.utils.cpp_extension import load
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=verbose)
+
+
+@lru_cache(maxsize=1)
+def extension():
+    """The built extension, or None (not built, turned off, or failed to load)."""
+    if os.environ.get("ROLLSERVE_CPU_KERNELS", "1") == "0" or not (build_dir() / f"{NAME}.so").exists():
+        return None
+    try:
+        return build()
+    except Exception:  # a broken toolchain must not stop the engine: the references run
+        return None
+
+
+def paged_decode_attention_ext(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                           softcap=None):
+    """`decode_attention.paged_decode_attention` through the extension; see `supports_decode`."""
+    return extension().paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, float(scale),
+                                              int(sliding_window or 0), float(softcap or 0.0))
+
+
+def supports_decode(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (query.device.type == "cpu" and query.dtype in DTYPES and k_cache.is_contiguous()
+            and extension() is not None)
+
+
+def decode_or_reference(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None,
+                        softcap=None):
+    """The extension's decode attention where it applies, the torch reference otherwise (float64, ...)."""
+    from .decode_attention import paged_decode_attention
+
+    decode = paged_decode_attention_ext if supports_decode(query, k_cache) else paged_decode_attention
+    return decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap)
+
+
+if __name__ == "__main__":
+    print(f"built {NAME} in {build_dir()}: {build(verbose=True)}")

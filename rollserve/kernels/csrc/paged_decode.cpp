@@ -1,0 +1,241 @@
+// Paged decode attention read in place from the block tables (no gather), online softmax, fp32 accumulation.
+// The reference is rollserve/kernels/decode_attention.py; the shapes and semantics are its.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 16 == 0) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+    }
+    __m256 s = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+#endif
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// acc[0:n] += sum_t p[t] * rows[t][0:n]
+inline void accumulate(float* acc, const float* p, const float* const* rows, int64_t count, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 32 == 0) {
+    // 32 floats of acc in 4 registers at a time, the block's rows streamed through them: four independent
+    // FMA chains per row (one chain would wait out the FMA latency on every row).
+    for (int64_t d = 0; d < n; d += 32) {
+      __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
+      __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
+      for (int64_t t = 0; t < count; ++t) {
+        const __m256 w = _mm256_set1_ps(p[t]);
+        const float* r = rows[t] + d;
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 8), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 16), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 24), a3);
+      }
+      _mm256_storeu_ps(acc + d, a0);
+      _mm256_storeu_ps(acc + d + 8, a1);
+      _mm256_storeu_ps(acc + d + 16, a2);
+      _mm256_storeu_ps(acc + d + 24, a3);
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < count; ++t) {
+    const float w = p[t];
+    const float* r = rows[t];
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) acc[d] += w * r[d];
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp(x) for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial), ~1 ulp;
+// exp(-inf) = 0 and large negative x underflow to 0, as std::exp.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, y);
+}
+#endif
+
+// x[0:n] = exp(x - shift); returns their sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  float sum = 0.0f;
+  int64_t t = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 y = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), sh));
+    _mm256_storeu_ps(x + t, y);
+    acc = _mm256_add_ps(acc, y);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) sum += v;
+#endif
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - shift);
+    sum += x[t];
+  }
+  return sum;
+}
+
+// The next block's K and V on their way into the cache while this one is computed: blocks are scattered,
+// so the hardware prefetcher, which follows streams, starts cold on each.
+template <typename scalar_t>
+inline void prefetch_block(const scalar_t* kc, const scalar_t* vc, int64_t offset, int64_t count) {
+  const char* k = reinterpret_cast<const char*>(kc + offset);
+  const char* v = reinterpret_cast<const char*>(vc + offset);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(k + i);
+    __builtin_prefetch(v + i);
+  }
+}
+
+// Rows of one block as float: the cache itself for float, a converted copy otherwise.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, float* scratch, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
+    return scratch;
+  }
+}
+
+// One work item is one sequence, all its heads: each block's K (and V) rows of every KV head are
+// contiguous in the cache, so a block is streamed once instead of once per KV head.
+template <typename scalar_t>
+void decode_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+                 const int64_t* ctx_lens, scalar_t* out, int64_t begin, int64_t end, int64_t num_heads,
+                 int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
+                 int64_t window, float softcap) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t D = head_dim, H = num_heads;
+  const int64_t row_elems = num_kv_heads * D;  // one token of one block: all KV heads
+  std::vector<float> qf(H * D), acc(H * D), m(H), l(H), sc(H * block_size), kv(block_size * row_elems);
+  std::vector<const float*> rows(block_size * num_kv_heads);
+  for (int64_t s = begin; s < end; ++s) {
+    const int64_t ctx = ctx_lens[s];
+    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+    for (int64_t hq = 0; hq < H; ++hq) {
+      const scalar_t* src = q + (s * H + hq) * D;
+      for (int64_t d = 0; d < D; ++d) qf[hq * D + d] = static_cast<float>(src[d]) * (softcap > 0 ? 1.0f : scale);
+      m[hq] = -std::numeric_limits<float>::infinity();
+      l[hq] = 0.0f;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t b = first / block_size; b * block_size < ctx; ++b) {
+      const int64_t block = tables[s * max_blocks + b];
+      const int64_t t0 = std::max(first, b * block_size), t1 = std::min(ctx, (b + 1) * block_size);
+      const int64_t n = t1 - t0;
+      const int64_t base = (block * block_size + (t0 - b * block_size)) * row_elems;
+      if ((b + 1) * block_size < ctx) prefetch_block(kc, vc, tables[s * max_blocks + b + 1] * block_size * row_elems,
+                                                     block_size * row_elems);
+      const float* kf = as_float(kc + base, kv.data(), n * row_elems);
+      // scores of the block's tokens for every query head, then the online-softmax rescale
+      for (int64_t hq = 0; hq < H; ++hq) {
+        const float* qh = qf.data() + hq * D;
+        const float* kh = kf + (hq / group) * D;
+        float* sh = sc.data() + hq * block_size;
+        float best = m[hq];
+        for (int64_t t = 0; t < n; ++t) {
+          float x = dot(qh, kh + t * row_elems, D);
+          if (softcap > 0) x = std::tanh(x * scale / softcap) * softcap;
+          sh[t] = x;
+          best = std::max(best, x);
+        }
+        const float corr = std::exp(m[hq] - best);  // exp(-inf) = 0 on the first block
+        float* ah = acc.data() + hq * D;
+        for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
+        l[hq] = l[hq] * corr + exp_shifted(sh, n, best);
+        m[hq] = best;
+      }
+      const float* vf = as_float(vc + base, kv.data(), n * row_elems);
+      for (int64_t h = 0; h < num_kv_heads; ++h)
+        for (int64_t t = 0; t < n; ++t) rows[h * block_size + t] = vf + t * row_elems + h * D;
+      for (int64_t hq = 0; hq < H; ++hq)
+        accumulate(acc.data() + hq * D, sc.data() + hq * block_size, rows.data() + (hq / group) * block_size, n, D);
+    }
+    for (int64_t hq = 0; hq < H; ++hq) {
+      scalar_t* dst = out + (s * H + hq) * D;
+      const float inv = 1.0f / l[hq];
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[hq * D + d] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+// query: [S, Hq, D]; k_cache, v_cache: [NB, BS, Hkv, D] (contiguous); block_tables: [S, max_blocks] int64;
+// context_lens: [S] int64; window <= 0: none; softcap <= 0: none. Returns [S, Hq, D].
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                                     int64_t window, double softcap) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type());
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong);
+  auto q = query.contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0);
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t* tp = tables.data_ptr<int64_t>();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    const int64_t max_blocks = tables.size(1);
+    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+      decode_rows<scalar_t>(qp, kp, vp, tp, lp, op, begin, end, Hq, Hkv, D, BS, max_blocks,
+                            static_cast<float>(scale), window, static_cast<float>(softcap));
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention, in place over block tables");
+}

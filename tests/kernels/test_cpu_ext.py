@@ -1,0 +1,46 @@
+"""The C++ CPU kernels (when built: `make install`) against the torch references they replace."""
+
+import pytest
+import torch
+
+from rollserve.kernels import cpu_ext
+from rollserve.kernels.decode_attention import paged_decode_attention
+
+pytestmark = pytest.mark.skipif(cpu_ext.extension() is None, reason="the CPU extension is not built")
+
+
+def _case(num_seqs, num_heads, num_kv_heads, head_dim, block, lengths, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block) for n in lengths)
+    num_blocks = num_seqs * width + 3
+    k_cache = torch.randn(num_blocks, block, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, num_kv_heads, head_dim, generator=gen).to(dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.tensor([[free.pop() for _ in range(width)] for _ in range(num_seqs)])  # padding blocks too
+    query = torch.randn(num_seqs, num_heads, head_dim, generator=gen).to(dtype)
+    return query, k_cache, v_cache, tables, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window, softcap", [(None, None), (5, None), (None, 3.0), (6, 2.0)])
+@pytest.mark.parametrize("heads", [(4, 2, 8), (9, 3, 64), (4, 4, 16)])
+def test_decode_attention_matches_the_reference(heads, sliding_window, softcap, dtype):
+    num_heads, num_kv_heads, head_dim = heads
+    lengths = [1, 4, 7, 13, 20, 16, 33]  # one token, a full block, partial blocks, beyond the window
+    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 4, lengths, dtype, seed=head_dim)
+    scale = head_dim ** -0.5
+    out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, softcap)
+    ref = paged_decode_attention(*args, scale, sliding_window, softcap)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
+    """The engine passes q as a transposed view and one layer's K (or V) of the [layers, 2, ...] cache."""
+    query, k_cache, v_cache, tables, lens = _case(6, 9, 3, 64, 16, [17, 40, 3, 64, 65, 1], torch.float32, seed=7)
+    data = torch.stack([torch.stack([k_cache, v_cache])] * 2)  # [layers, k/v, blocks, block, heads, dim]
+    strided = query.transpose(0, 1).contiguous().transpose(0, 1)
+    out = cpu_ext.paged_decode_attention_ext(strided, data[1, 0], data[1, 1], tables, lens, 0.125)
+    torch.testing.assert_close(out, paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125),
+                               atol=2e-6, rtol=2e-6)
