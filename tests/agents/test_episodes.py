@@ -126,7 +126,10 @@ def test_a_tiny_kv_cache_evicts_parked_episodes_and_gives_the_same_results(tiny_
     from rollserve.engine.model_runner import ModelRunner
 
     rows = [{"prompt": PROMPT + "!" * i, "target": 40 + i} for i in range(4)]
-    params = SamplingParams(n=2, max_tokens=8, seed=7)
+    # Greedy: a recomputed prefix goes through prefill attention where the reference run decoded it, which
+    # moves logprobs by ~1e-5 in fp32; a seeded temperature-1 draw between two near-equal tail tokens can
+    # flip on that, an argmax with the tiny model's margins does not.
+    params = SamplingParams(n=2, max_tokens=8, temperature=0)
     reference = run_episodes(llm, rows, GuessTheNumber, params, max_turns=4, max_total_tokens=200)
     per_block = ModelRunner.bytes_per_block(llm.model.config, llm.config.block_size, torch.float32)
     small = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=16 * per_block)
