@@ -109,8 +109,8 @@ def run_peer(engine: str, model: str, dtype: str, w: Workload, timeout: float, h
         lines = log.read().splitlines()
     results = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
     if rc != 0 or not results:
-        tail = " | ".join(lines[-3:])
-        return {"error": f"exited with {rc} (log: {log.name}): {tail}"}
+        why = " (SIGKILL: out of memory?)" if rc == -signal.SIGKILL else ""
+        return {"error": f"exited with {rc}{why} (log: {log.name}): {lines[-1] if lines else ''}"}
     os.unlink(log.name)
     return results[-1]
 
