@@ -129,7 +129,8 @@ class EngineConfig:
 
     attention_backend: str = _arg(
         "auto", "attention kernels: 'auto' (Triton when the model is on a CUDA device, triton is installed and "
-                "block_size is a power of two >= 16; else the torch references), 'torch' or 'triton'",
+                "block_size is a power of two >= 16; on the CPU the C++ decode kernel where `make install` built it; "
+                "else the torch references), 'torch' or 'triton'",
         _choice("auto", "torch", "triton"))
 
     def __post_init__(self) -> None:
