@@ -11,7 +11,9 @@ from ..outputs import CompletionOutput, SampleDelta
 from .sequence import Sequence
 
 
-def _top(token_ids: list[int], logprobs: list[float], ids: list[list[int]], values: list[list[float]]) -> list[dict]:
+def top_logprob_dicts(token_ids: list[int], logprobs: list[float], ids: list[list[int]],
+                      values: list[list[float]]) -> list[dict]:
+    """Per position: the top alternatives' `{id: logprob}` plus the chosen token's own logprob."""
     return [{**dict(zip(i, v)), t: lp} for t, lp, i, v in zip(token_ids, logprobs, ids, values)]
 
 
@@ -28,7 +30,7 @@ def sample_delta(seq: Sequence) -> SampleDelta | None:
         if p.logprobs > 0:
             ids = torch.stack(seq.top_ids[start:])[:, :p.logprobs].tolist()
             values = torch.stack(seq.top_logprobs[start:])[:, :p.logprobs].tolist()
-            delta.top_logprobs = _top(token_ids, delta.logprobs, ids, values)
+            delta.top_logprobs = top_logprob_dicts(token_ids, delta.logprobs, ids, values)
     seq.num_streamed_tokens = seq.num_completion_tokens
     hold = max(map(len, p.stop)) - 1 if p.stop else 0
     visible = len(seq.text) - hold

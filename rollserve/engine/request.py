@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, RequestOutput, StepOutput
-from .deltas import final_delta, sample_delta
+from .deltas import final_delta, sample_delta, top_logprob_dicts
 from .sequence import BeamState, Sequence
 
 
@@ -79,10 +79,7 @@ class Request(BaseRequest):
         for targets, sel, ids, vals in self.prompt_logprobs:
             targets, sel = targets.tolist(), sel.tolist()
             ids, vals = (ids[:, :k].tolist(), vals[:, :k].tolist()) if k else ([[]] * len(sel), [[]] * len(sel))
-            for t, lp, i, v in zip(targets, sel, ids, vals):
-                entry = dict(zip(i, v))
-                entry[t] = lp
-                out.append(entry)
+            out.extend(top_logprob_dicts(targets, sel, ids, vals))
         return out
 
 
@@ -106,11 +103,7 @@ def _completion(seq: Sequence, p, detokenize) -> CompletionOutput:
             # Each step's top ids are as wide as that step's batch needed (its largest `logprobs`): cut first.
             ids = torch.stack([t[:k] for t in seq.top_ids]).tolist()
             vals = torch.stack([t[:k] for t in seq.top_logprobs]).tolist()
-            top = []
-            for t, lp, i, v in zip(token_ids, logprobs, ids, vals):
-                entry = dict(zip(i, v))
-                entry[t] = lp
-                top.append(entry)
+            top = top_logprob_dicts(token_ids, logprobs, ids, vals)
             ranks = torch.stack(seq.ranks).tolist()
     return CompletionOutput(
         index=seq.index, text=text, token_ids=token_ids, logprobs=logprobs, cumulative_logprob=cumulative,
