@@ -143,9 +143,19 @@ class Replicas:
             time.sleep(_PROBE_S)
 
     def wait_ready(self, timeout: float | None = None) -> None:
+        """Returns once every replica has answered who it is and is at the cluster's weights.
+
+        A replica the driver still believes alive is asked too: one that died without the driver
+        noticing (it had no call in flight) is marked down here and taken back, counted as a restart,
+        when Ray has restarted it, instead of being reported alive.
+        """
         timeout = self.replica_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while len(self.live()) < len(self.slots):
+        while True:
+            for slot in self.live():
+                self.refresh(slot)
+            if all(s.alive for s in self.slots):
+                return
             if time.monotonic() > deadline:
                 down = [s.index for s in self.slots if not s.alive]
                 raise ClusterError(f"replicas {down} did not come back within {timeout}s")

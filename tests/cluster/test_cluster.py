@@ -187,18 +187,21 @@ def test_a_replica_killed_between_stage_and_commit_leaves_the_survivors_on_the_o
 def test_a_replica_killed_mid_generate_loses_nothing_and_comes_back_at_the_clusters_weights(cluster):
     cluster.wait_ready(timeout=120)
     prompts = random_prompts([20 + i for i in range(12)], seed=9)
-    params = seeded(len(prompts), n=2, max_tokens=40)
+    params = seeded(len(prompts), n=2, max_tokens=64)
     routed = [s.requests for s in cluster.stats()]
     want = cluster.generate(prompts, params)
     stats = cluster.stats()
     restarts, no_fault = [s.restarts for s in stats], [s.requests - r for s, r in zip(stats, routed)]
-    before = metrics(cluster)
+    before, pid = metrics(cluster), stats[0].pid
     future = cluster.generate_async(prompts, params)
     deadline = time.monotonic() + 60
-    while not any(delta(metrics(cluster), before, "generation_tokens")):  # both replicas are in mid-generate
+    while True:  # until replica 0 is in mid-generate: it has sampled tokens and still has requests
+        now = metrics(cluster)[0]
+        if now["generation_tokens"] > before[0]["generation_tokens"] and now["num_running"] + now["num_waiting"]:
+            break
         assert time.monotonic() < deadline and not future.done()
-        time.sleep(0.05)
-    kill(cluster, 0)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
     got = future.result(timeout=120)
     assert_same(got, want)  # complete, in order, each once, equal to the no-fault run
     cluster.wait_ready(timeout=120)
