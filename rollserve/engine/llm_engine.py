@@ -45,7 +45,8 @@ class LLMEngine:
                              f"(one block of {config.block_size} tokens takes {bytes_per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend,
+                                  config.cuda_graphs, config.max_num_seqs, max_model_len)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, BaseRequest] = {}
         self.stats = EngineStats()
