@@ -138,6 +138,12 @@ class EngineConfig:
                 "block_size is a power of two >= 16; on the CPU the C++ decode kernel where `make install` built it; "
                 "else the torch references), 'torch' or 'triton'",
         _choice("auto", "torch", "triton"))
+    sampling_backend: str = _arg(
+        "auto", "sampling of plain batches (no penalties, filters or top logprobs: the RL rollout case): 'auto' "
+                "(the fused Triton kernel when the model is on a CUDA device and triton is installed, else torch), "
+                "'torch' or 'triton'. The fused kernel's logprob is z[tok] - logsumexp(z) within ~1e-6 of the "
+                "trainer's log_softmax, as the torch plain path is; other batches always take the torch path",
+        _choice("auto", "torch", "triton"))
     cuda_graphs: bool | None = _arg(
         None, "replay decode steps as CUDA graphs captured per padded batch size (fewer kernel launches; "
               "prefill steps run eagerly): None/auto = on when the model is on a CUDA device and the Triton "

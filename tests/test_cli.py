@@ -46,7 +46,7 @@ def test_serve_and_generate_have_the_same_engine_options():
     assert generate == serve
     assert {"--kv-cache-memory", "--no-prefix-caching", "--double-buffer-weights", "--max-num-seqs",
             "--max-num-batched-tokens", "--max-model-len", "--dtype", "--seed", "--block-size",
-            "--attention-backend", "--cuda-graphs", "--no-cuda-graphs"} == set(serve)
+            "--attention-backend", "--sampling-backend", "--cuda-graphs", "--no-cuda-graphs"} == set(serve)
 
 
 def test_standalone_server_parser_matches():
