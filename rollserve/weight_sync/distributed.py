@@ -60,7 +60,9 @@ def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: f
     so a dead peer is reported within it; a receiver idle longer than it between syncs times out too.
     `connect_timeout_s` (default `timeout_s`) bounds the wait for every rank to join. `device` is where
     this rank's buckets are (`group_backend`): gloo for the CPU, NCCL for a CUDA device, one GPU per
-    rank (NCCL refuses two ranks on one GPU: colocated processes use the shared-memory transport).
+    rank (NCCL refuses two ranks on one GPU: colocated processes use the shared-memory transport). With
+    NCCL a timed-out collective is fatal to the process (NCCL's watchdog), not an exception: give a
+    receiver that may wait long between syncs a `timeout_s` longer than that wait.
     """
     check_group_args(init_method, rank, world_size, timeout_s)
     if connect_timeout_s is not None:
@@ -73,7 +75,6 @@ def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: f
         url.hostname, url.port, world_size, is_master=rank == 0,
         timeout=timedelta(seconds=connect_timeout_s or timeout_s)))
     if backend == "nccl":
-        torch.cuda.set_device(torch.device(device))  # NCCL binds this rank to the device its buffers are on
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timedelta(seconds=timeout_s)
         return dist.ProcessGroupNCCL(store, rank, world_size, options)
