@@ -160,11 +160,12 @@ class DecodeGraphs:
         self.inputs.fill(input_ids, positions, meta, size)
         addresses = data_addresses(self._tensors) + (self.runner.kv_cache.data.data_ptr(),)
         graph = self.graphs.get(addresses, size)
-        if graph is None:
-            graph = self._capture(size)
-            self.graphs.put(addresses, size, graph)
-        with self.runner.model_modes():  # refreshes, in place, copies derived from the weights (fused projections)
-            graph.replay()
+        with torch.cuda.device(self.runner.device):  # capture and replay on the model's GPU's current stream
+            if graph is None:
+                graph = self._capture(size)
+                self.graphs.put(addresses, size, graph)
+            with self.runner.model_modes():  # refreshes, in place, copies derived from the weights (fused q/k/v)
+                graph.replay()
         keep = [r for r in logits_rows if r >= 0]  # decode rows: row i is i, or -1 mid-recompute
         if len(keep) == n:
             return self._logits[:n].clone()
@@ -180,10 +181,10 @@ class DecodeGraphs:
         # Warm-up outside the graph, on a side stream as capture wants: compiles the Triton kernels and
         # sizes library workspaces. It writes the step's K/V, which the replay writes again unchanged.
         stream = torch.cuda.Stream(device=self.runner.device)
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
             logits = forward()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         if self._logits is None:
             self._logits = torch.empty(self.sizes[-1], logits.shape[-1], dtype=torch.float32,
                                        device=self.runner.device)

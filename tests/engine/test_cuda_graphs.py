@@ -12,7 +12,7 @@ import torch
 
 from rollserve import LLM, SamplingParams
 from rollserve.config import EngineConfig
-from rollserve.engine.cuda_graphs import (GraphCache, StaticDecodeInputs, capture_sizes, data_addresses,
+from rollserve.engine.cuda_graphs import (DecodeGraphs, GraphCache, StaticDecodeInputs, capture_sizes, data_addresses,
                                           padded_size, use_cuda_graphs)
 from rollserve.engine.kv_cache import PagedKVCache
 from rollserve.weight_sync.updater import WeightBuffers
@@ -123,6 +123,8 @@ def test_a_step_with_a_prefill_or_too_many_blocks_is_not_for_a_graph(tiny_model)
     assert not StaticDecodeInputs(2, 4, 0, 16, "cpu").holds(meta, len(input_ids))  # 3 sequences
     assert not StaticDecodeInputs(8, 2, 0, 16, "cpu").holds(meta, len(input_ids))  # one has 3 blocks
     assert not StaticDecodeInputs(8, 4, 0, 16, "cpu").holds(meta, len(input_ids) + 1)  # a prefill token too
+    graphs = DecodeGraphs(llm.engine.runner, capture_sizes(8), max_blocks=4, scratch_block=0)  # no CUDA until run
+    assert graphs.fits(meta, len(input_ids), []) and not graphs.fits(meta, len(input_ids), [("a prompt row",)])
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------
