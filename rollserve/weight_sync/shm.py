@@ -371,9 +371,10 @@ class SharedMemoryReceiver:
 
     def _on_evict(self, message: ShmEvict) -> Ack:
         if self._sync == (message.pid, message.sync):
-            for entry in self._pending:
-                if entry[2] == message.segment:
-                    entry[1], entry[2] = entry[1].clone(), None
+            copied = [entry for entry in self._pending if entry[2] == message.segment]
+            for entry in copied:
+                entry[1], entry[2] = entry[1].clone(), None
+            _settle([entry[1] for entry in copied])
         return Ack()
 
     def _on_abort(self, message: ShmAbort) -> Ack:
@@ -392,6 +393,7 @@ class SharedMemoryReceiver:
         try:
             version = self.target.update_weights(named, version=message.version, require_all=message.require_all)
         finally:
+            _settle([tensor for _, tensor in named])
             del named
             self._drop_pending()
             self._forget(lambda name, pid: pid == message.pid and name not in message.segments)
@@ -445,6 +447,13 @@ class SharedMemoryReceiver:
         in_use = {entry[2] for entry in self._pending}
         self._forget(lambda name, pid: name not in in_use and (
             not _pid_alive(pid) or not os.path.exists(os.path.join(self.shm_dir, name))))
+
+
+def _settle(tensors) -> None:
+    """Waits for the GPU work reading these tensors (copies out of CUDA IPC buckets, queued asynchronously,
+    maybe on another thread's stream): once the reply is sent the sender overwrites the buckets."""
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.synchronize(device)
 
 
 def _cleanup(paths: list[str], context) -> None:
