@@ -4,8 +4,9 @@ weights, bf16) with SmolLM2's tokenizer.
     python benchmarks/gpu_speed.py [--device cuda] [--backends triton torch] [--vllm PYTHON] [--layers 22]
                                    [--num-prompts 32] [--max-tokens 128]
 
-Prints completion tokens/s for rollserve on each attention backend (Triton with and without CUDA graphs) and, with `--vllm PYTHON` (an interpreter
-that has vLLM; it runs gpu_vllm.py in its own process on the same model, saved), for vLLM and the ratio.
+Prints completion tokens/s for rollserve on each attention backend (Triton with and without CUDA graphs)
+and, with `--vllm PYTHON` (an interpreter that has vLLM; it runs gpu_vllm.py in its own process on the
+same model, saved), for vLLM and the ratio.
 The weight sync is `LLM.update_weights` of every parameter (the trainer's copy on the same GPU, scaled so
 that it differs), timed, and checked by fingerprint: the exit status is 1 if the engine's weights are not
 the trainer's.

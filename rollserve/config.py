@@ -167,8 +167,9 @@ def add_engine_arguments(parser) -> None:
     """One option per `EngineConfig` field on `parser` (or an argument group): `--kv-cache-memory 2GiB`, ...
 
     A bool field is a flag: `--field-name` when it is off by default, the field's `flag` (such as
-    `--no-prefix-caching`) when on; a bool that defaults to None (auto) has both `--flag` and `--no-flag`. Values are checked as they are parsed, so a bad one is an
-    argparse error naming the option.
+    `--no-prefix-caching`) when on; a bool that defaults to None (auto) has both `--flag` and
+    `--no-flag`. Values are checked as they are parsed, so a bad one is an argparse error naming
+    the option.
     """
     for f in fields(EngineConfig):
         if f.default is True:
