@@ -149,6 +149,11 @@ class DecodeGraphs:
         self._pool = None  # one memory pool for every graph: they never run concurrently
         self._logits = None  # [sizes[-1], vocab] float32, every graph's output; made at the first capture
 
+    def release(self) -> None:
+        """Drops every graph and its memory (the engine sleeps); the next decode steps capture again."""
+        self.graphs = GraphCache()
+        self._pool = self._logits = None
+
     def fits(self, meta: PagedAttentionMetadata, num_tokens: int, prompt_rows) -> bool:
         return not prompt_rows and self.inputs.holds(meta, num_tokens)
 

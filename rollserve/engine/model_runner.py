@@ -84,6 +84,8 @@ class ModelRunner:
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
 
     def allocate_kv_cache(self) -> None:
         if self.kv_cache is None:

@@ -159,6 +159,11 @@ def test_greedy_with_graphs_equals_eager(tiny_model):
     captures = graphs.num_captures
     _assert_same(_greedy(llm), eager)
     assert graphs.num_captures == captures  # the same weights: replayed, not captured again
+    llm.sleep()  # frees the KV cache and the graphs with it; waking up makes a new KV cache
+    assert len(graphs.graphs) == 0
+    llm.wake_up()
+    _assert_same(_greedy(llm), eager)
+    assert graphs.num_captures == 2 * captures
 
 
 def _perturbed(model) -> list[tuple[str, torch.Tensor]]:
