@@ -103,6 +103,16 @@ def test_trl_tool_loop_runs_through_rollserve(tokenizer):
     steer(trainer.model, len(prompt_ids) - 1, call_ids)
     suffix = trainer._get_tool_suffix_ids([{"role": "tool", "name": "add", "content": "3"}])
 
+    backend, prefills = trainer.vllm_generation, []
+    generate = backend.generate
+
+    def counting_generate(prompts, *args, **kwargs):
+        before = backend.llm.metrics()["prefill_tokens"]
+        out = generate(prompts, *args, **kwargs)
+        prefills.append((len(prompts[0]), backend.llm.metrics()["prefill_tokens"] - before))
+        return out
+
+    backend.generate = counting_generate
     batches, original = [], trainer._generate_and_score_completions
 
     def scored(inputs):
@@ -128,6 +138,12 @@ def test_trl_tool_loop_runs_through_rollserve(tokenizer):
             assert tool_mask == [1] * k + [0] * len(suffix) + [1] * (n - k - len(suffix))
             assert "<tool_response>\n3\n</tool_response>" in tokenizer.decode(ids[k:k + len(suffix)])
             assert n > k + len(suffix)  # the model answered after the tool result
+    # Per step: the prompt once for its 4 samples, then the 4 tool turns, whose prompt + call blocks the prefix
+    # cache holds: each prefills the tool result and at most the call's last, partial block.
+    block = backend.llm.config.block_size
+    print(f"prefill tokens per generate call (prompt length, prefilled): {prefills}")
+    assert [n for _, n in prefills[0::2]] == [len(prompt_ids)] * 2
+    assert all(n <= 4 * (len(suffix) + block) for _, n in prefills[1::2])
     differences = logp_max(trainer)
     print(f"sampling logp difference max {differences}")
     assert len(differences) == 2 and max(differences) < LOGP_TOLERANCE
