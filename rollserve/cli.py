@@ -74,8 +74,8 @@ def load_env_factory(spec: str):
     except Exception as e:  # the user's factory may fail in any way
         raise ValueError(f"--env {spec!r}: calling it raised {type(e).__name__}: {e}") from None
     if missing := [m for m in ("reset", "step") if not callable(getattr(env, m, None))]:
-        raise ValueError(f"--env {spec!r}: it made a {type(env).__name__} object, which has no {' and no '.join(missing)} "
-                         f"method; an environment has reset(prompt, **row) and step(text, ids)")
+        raise ValueError(f"--env {spec!r}: it made a {type(env).__name__} object, which has no "
+                         f"{' and no '.join(missing)} method; an environment has reset(prompt, **row) and step(text, ids)")
     return factory
 
 

@@ -39,6 +39,26 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+class Calculator:
+    """For TRL's `environment_factory`: its public methods are the tools, `get_reward` scores the rollout."""
+
+    def reset(self, **row):
+        self.calls = 0
+
+    def add(self, a: int, b: int) -> int:
+        """Adds two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        self.calls += 1
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(self.calls)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
@@ -87,9 +107,12 @@ def answer_length(completions, **kwargs):
     return [float(len(c[-1].get("content") or "")) for c in completions]
 
 
-def test_trl_tool_loop_runs_through_rollserve(tokenizer):
-    """GRPO 2 steps with `tools=[add]`: every sample calls the tool, TRL masks the tool result's tokens out of
-    the loss, and the engine's logprobs of the model's tokens equal the trainer's own recomputation."""
+@pytest.mark.parametrize("tooling", [{"tools": [add]}, {"environment_factory": Calculator}],
+                         ids=["tools", "environment_factory"])
+def test_trl_tool_loop_runs_through_rollserve(tokenizer, tooling):
+    """GRPO 2 steps with `tools=[add]` (or an environment whose method is the tool): every sample calls the tool,
+    TRL masks the tool result's tokens out of the loss, the tool turn prefills only what the prefix cache does
+    not hold, and the engine's logprobs of the model's tokens equal the trainer's own recomputation."""
     args = GRPOConfig(output_dir="trl-output", per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=MAX_COMPLETION, max_steps=2, learning_rate=1e-3, logging_steps=1,
                       report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0, disable_tqdm=True,
@@ -97,9 +120,11 @@ def test_trl_tool_loop_runs_through_rollserve(tokenizer):
     call_ids = tokenizer.encode(CALL, add_special_tokens=False) + [tokenizer.eos_token_id]
     trainer = rtrl.GRPOTrainer(model=random_gpt2(tokenizer, len(call_ids)), reward_funcs=answer_length, args=args,
                                train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 8}),
-                               processing_class=tokenizer, tools=[add],
+                               processing_class=tokenizer, **tooling,
                                rollserve_config=rtrl.RollserveConfig(kv_cache_memory=1 << 24))
-    [prompt_ids], _, _ = trainer._tokenize_prompts([PROMPT])  # as TRL renders it: tools, training template
+    prompt_ids = tokenizer.apply_chat_template(  # as TRL renders it: its tools, its training template
+        PROMPT, tools=trainer.tools, chat_template=trainer.chat_template, add_generation_prompt=True, tokenize=True,
+        return_dict=False)
     steer(trainer.model, len(prompt_ids) - 1, call_ids)
     suffix = trainer._get_tool_suffix_ids([{"role": "tool", "name": "add", "content": "3"}])
 
