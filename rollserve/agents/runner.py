@@ -98,6 +98,8 @@ def iter_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | N
     todo = range(len(rows)) if prompt_indices is None else list(prompt_indices)
     if bad := [p for p in todo if not (isinstance(p, int) and 0 <= p < len(rows))]:
         raise ValueError(f"prompt_indices {bad[:5]} are not indices of the {len(rows)} prompts")
+    if len(set(todo)) < len(todo):
+        raise ValueError("prompt_indices holds an index more than once")
     return _episodes(_Loop(llm, rows, todo, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs,
                            keep_kv))
 
