@@ -109,7 +109,8 @@ def _add_generate(subparsers) -> None:
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("sampling (see rollserve.SamplingParams)",
                              "--seed S (an engine option below) also seeds every prompt: prompt i is sampled "
-                             "with prompt_seed(S, i), so a resumed run reproduces an uninterrupted one")
+                             "with prompt_seed(S, i) (with --env each turn is seeded from S, the prompt, sample "
+                             "and turn), so a resumed run reproduces an uninterrupted one")
     s.add_argument("--n", type=int, default=_DEFAULTS.n, help="completions per prompt")
     s.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0: greedy")
     s.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, help="nucleus sampling mass (1: off)")
