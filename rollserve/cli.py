@@ -75,7 +75,8 @@ def load_env_factory(spec: str):
         raise ValueError(f"--env {spec!r}: calling it raised {type(e).__name__}: {e}") from None
     if missing := [m for m in ("reset", "step") if not callable(getattr(env, m, None))]:
         raise ValueError(f"--env {spec!r}: it made a {type(env).__name__} object, which has no "
-                         f"{' and no '.join(missing)} method; an environment has reset(prompt, **row) and step(text, ids)")
+                         f"{' and no '.join(missing)} method; an environment has reset(prompt, **row) and "
+                         f"step(text, ids)")
     return factory
 
 
