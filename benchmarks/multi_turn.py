@@ -6,8 +6,9 @@ SmolLM2-135M-Instruct, a scripted environment (a fixed reply per turn, never don
 seeds in every mode, runs interleaved. Modes: "kept" (rollserve: the sample is parked while its
 environment runs, the next turn computes only the reply), "resubmit" (each turn's whole token ids as a
 new request, what agent loops on vLLM do: the prefix cache finds the full blocks), "resubmit, no
-prefix cache" (every turn prefills the whole conversation). Prints prefill tokens and wall time of
-each, and the ratios to "kept".
+prefix cache" (every turn prefills the whole conversation). Prints prefill tokens, engine steps, wall
+time and this process's CPU time of each, and the ratios to "kept". On a shared machine compare CPU
+times: wall time also counts the time other processes held the cores.
 """
 
 import argparse
@@ -36,15 +37,18 @@ def prompts(num: int) -> list[str]:
             for i in range(num)]
 
 
-def run(llm: LLM, args, keep_kv: bool) -> tuple[int, float, int]:
+def run(llm: LLM, args, keep_kv: bool) -> tuple[int, float, float, int, int]:
+    """(prefill tokens, wall s, CPU s, engine steps, sampled tokens) of one run."""
     llm.reset_prefix_cache()
-    before = llm.metrics()["prefill_tokens"]
+    before = llm.metrics()
     params = SamplingParams(max_tokens=args.max_tokens, seed=0)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     episodes = run_episodes(llm, prompts(args.episodes), Scripted, params, max_turns=args.turns, keep_kv=keep_kv)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert all(e.num_turns == args.turns for e in episodes)
-    return llm.metrics()["prefill_tokens"] - before, elapsed, sum(sum(e.mask) for e in episodes)
+    after = llm.metrics()
+    return (after["prefill_tokens"] - before["prefill_tokens"], elapsed, cpu,
+            after["num_steps"] - before["num_steps"], sum(sum(e.mask) for e in episodes))
 
 
 def main() -> None:
@@ -59,19 +63,21 @@ def main() -> None:
     cached = LLM(path, dtype=args.dtype, kv_cache_memory="512MiB")
     uncached = LLM(path, dtype=args.dtype, kv_cache_memory="512MiB", enable_prefix_caching=False)
     modes = {"kept": (cached, True), "resubmit": (cached, False), "resubmit, no prefix cache": (uncached, False)}
-    totals = {name: [0, 0.0] for name in modes}
+    totals = {name: [0, 0.0, 0.0] for name in modes}
     run(cached, args, True)  # warm-up
     for _ in range(args.repeats):
         for name, (llm, keep_kv) in modes.items():
-            prefill, elapsed, sampled = run(llm, args, keep_kv)
-            totals[name][0] += prefill
-            totals[name][1] += elapsed
-            print(f"{name:>26}: prefill {prefill:6d} tokens, {elapsed:6.2f} s, {sampled} sampled tokens", flush=True)
-    kept_prefill, kept_time = totals["kept"]
+            prefill, elapsed, cpu, steps, sampled = run(llm, args, keep_kv)
+            for k, value in enumerate((prefill, elapsed, cpu)):
+                totals[name][k] += value
+            print(f"{name:>26}: prefill {prefill:6d} tokens, {steps} steps, wall {elapsed:6.2f} s, "
+                  f"CPU {cpu:6.2f} s, {sampled} sampled tokens", flush=True)
+    kept_prefill, kept_time, kept_cpu = totals["kept"]
     print(f"{args.episodes} episodes x {args.turns} turns, {args.max_tokens} tokens a turn, {args.dtype}, "
           f"torch threads {torch.get_num_threads()}")
-    for name, (prefill, elapsed) in totals.items():
-        print(f"{name:>26}: prefill tokens {prefill / kept_prefill:5.2f}x kept, wall time {elapsed / kept_time:5.2f}x kept")
+    for name, (prefill, elapsed, cpu) in totals.items():
+        print(f"{name:>26}: prefill tokens {prefill / kept_prefill:5.2f}x kept, wall time {elapsed / kept_time:5.2f}x "
+              f"kept, CPU time {cpu / kept_cpu:5.2f}x kept")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The `rollserve` command. Each subcommand is a function that adds its parser and one that runs it.
 
     rollserve generate --model PATH --prompts FILE --out DIR [--n 8 --temperature 1.0 --max-tokens 256 ...]
+    rollserve generate ... --env my_envs:make_env --max-turns 4     (multi-turn episodes, one row each)
     rollserve serve --model PATH [--http-port 8000 --kv-cache-memory 2GiB ...]
 
 Parsing imports neither torch nor transformers (`--help` and argument errors are quick); a command
@@ -35,11 +36,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def load_callable(spec: str):
-    """`"package.module:func"` or `"path/to/file.py:func"` -> the function (the current folder is importable)."""
+def load_callable(spec: str, flag: str = "--reward", metavar: str = "MODULE:FUNC",
+                  example: str = "my_rewards:exact_match"):
+    """`"package.module:func"` or `"path/to/file.py:func"` -> the function (the current folder is importable).
+    Errors name `flag`, the option the spec came from."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--reward {spec!r}: expected MODULE:FUNC (e.g. my_rewards:exact_match)")
+        raise ValueError(f"{flag} {spec!r}: expected {metavar} (e.g. {example})")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
@@ -53,13 +56,28 @@ def load_callable(spec: str):
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing
-        raise ValueError(f"--reward {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"{flag} {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ValueError(f"--reward {spec!r}: {module_name!r} has no attribute {attr!r}")
+        raise ValueError(f"{flag} {spec!r}: {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise ValueError(f"--reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"{flag} {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def load_env_factory(spec: str):
+    """`--env MODULE:FACTORY` -> the factory, after making one environment with it (before the model loads, so a
+    factory that fails or makes something without `reset` and `step` is told at once)."""
+    factory = load_callable(spec, "--env", "MODULE:FACTORY", "my_envs:GuessTheNumber")
+    try:
+        env = factory()
+    except Exception as e:  # the user's factory may fail in any way
+        raise ValueError(f"--env {spec!r}: calling it raised {type(e).__name__}: {e}") from None
+    if missing := [m for m in ("reset", "step") if not callable(getattr(env, m, None))]:
+        raise ValueError(f"--env {spec!r}: it made a {type(env).__name__} object, which has no "
+                         f"{' and no '.join(missing)} method; an environment has reset(prompt, **row) and "
+                         f"step(text, ids)")
+    return factory
 
 
 def _add_generate(subparsers) -> None:
@@ -82,10 +100,18 @@ def _add_generate(subparsers) -> None:
     io.add_argument("--reward", metavar="MODULE:FUNC",
                     help="reward(prompt, completion, **row) -> float, in a 'reward' column (only with --reward); "
                          "MODULE may be a .py path")
+    io.add_argument("--env", metavar="MODULE:FACTORY",
+                    help="run multi-turn episodes instead of single completions: FACTORY() makes one environment "
+                         "(reset(prompt, **row), step(text, ids) -> (observation, reward, done); see "
+                         "rollserve.agents) per episode, and each (prompt, sample) episode is one row (token_ids, "
+                         "mask, logprobs, rewards, messages, ...); prompts always get the chat template; MODULE may "
+                         "be a .py path; not with --reward")
+    io.add_argument("--max-turns", type=int, default=4, help="with --env: most model turns per episode")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("sampling (see rollserve.SamplingParams)",
                              "--seed S (an engine option below) also seeds every prompt: prompt i is sampled "
-                             "with prompt_seed(S, i), so a resumed run reproduces an uninterrupted one")
+                             "with prompt_seed(S, i) (with --env each turn is seeded from S, the prompt, sample "
+                             "and turn), so a resumed run reproduces an uninterrupted one")
     s.add_argument("--n", type=int, default=_DEFAULTS.n, help="completions per prompt")
     s.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0: greedy")
     s.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, help="nucleus sampling mass (1: off)")
@@ -115,13 +141,18 @@ def _sampling_params(args) -> SamplingParams:
 def _run_generate(args) -> int:
     try:
         params = _sampling_params(args)  # before the engine is imported: a bad value fails at once
+        if args.max_turns < 1:
+            raise ValueError(f"--max-turns {args.max_turns} is invalid: must be >= 1")
     except (ValueError, TypeError) as e:
         return _fail(args, f"error: {e}", 2)
     from . import LLM
     from .dataset import RewardError, generate_dataset, read_prompts
 
     try:
+        if args.env and args.reward:
+            raise ValueError("--reward cannot be combined with --env: an episode's rewards are its environment's")
         reward_fn = load_callable(args.reward) if args.reward else None
+        env_factory = load_env_factory(args.env) if args.env else None
         prompts = read_prompts(args.prompts, args.prompt_field)
         if (done := _already_complete(args, prompts, params)) is not None:
             print(f"{args.out}: already complete with these parameters ({done.num_rows} rows, "
@@ -135,7 +166,8 @@ def _run_generate(args) -> int:
         summary = generate_dataset(
             llm, prompts, params, args.out, reward_fn, batch_size=args.batch_size, chat=args.chat,
             prompt_field=args.prompt_field, output_format=args.format, overwrite=args.overwrite,
-            use_tqdm=not args.no_progress, model_name=args.model, reward_name=args.reward)
+            use_tqdm=not args.no_progress, model_name=args.model, reward_name=args.reward, env_factory=env_factory,
+            max_turns=args.max_turns, env_name=args.env)
     except RewardError as e:
         return _fail(args, f"stopped: {e}\nshards written so far are kept in {args.out}; rerun to resume", 1)
     except (ValueError, TypeError, OSError) as e:
@@ -157,8 +189,9 @@ def _already_complete(args, prompts, params: SamplingParams):
     if args.overwrite:
         return None
     config = dataset_config(prompts, dataclasses.asdict(params), args.chat, args.prompt_field, args.format,
-                            args.reward, args.model, dtype_name(args.dtype))
-    return ShardStore(args.out, args.format, args.reward is not None).finished(config, params.n)
+                            args.reward, args.model, dtype_name(args.dtype), args.env, args.max_turns)
+    store = ShardStore(args.out, args.format, args.reward is not None, episodes=args.env is not None)
+    return store.finished(config, params.n)
 
 
 def _fail(args, message: str, code: int) -> int:

@@ -12,6 +12,7 @@ recomputes the last, partial block.
 """
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -68,6 +69,22 @@ def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | No
     instead of resuming the parked sample (the prefix cache still finds full blocks).
     `chat_template_kwargs` go to every rendering (e.g. `tools=[...]`).
     """
+    by_prompt = {episodes[0].prompt_index: episodes for episodes in iter_episodes(
+        llm, prompts, env_factory, sampling_params, max_turns=max_turns, max_total_tokens=max_total_tokens,
+        concurrency=concurrency, chat_template_kwargs=chat_template_kwargs, keep_kv=keep_kv)}
+    return [episode for p in sorted(by_prompt) for episode in by_prompt[p]]
+
+
+def iter_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | None = None, *,
+                  prompt_indices=None, max_turns: int = 4, max_total_tokens: int | None = None,
+                  concurrency: int = 64, chat_template_kwargs: dict | None = None,
+                  keep_kv: bool = True) -> Iterator[list[Episode]]:
+    """`run_episodes`, yielding each prompt's `n` episodes (samples in order) as soon as all of them have
+    finished, prompts in the order they finish. `prompt_indices`: run only these rows of `prompts`
+    (default all), numbered, and seeded, as in `prompts`, so a run over what an earlier one left undone
+    samples what an uninterrupted run would have. The arguments are checked by this call; closing the
+    iterator early aborts its requests and releases its parked KV.
+    """
     params = SamplingParams() if sampling_params is None else sampling_params
     if not isinstance(params, SamplingParams):
         raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -78,28 +95,40 @@ def run_episodes(llm, prompts, env_factory, sampling_params: SamplingParams | No
     if not isinstance(limit, int) or limit < 2:
         raise ValueError(f"max_total_tokens={max_total_tokens!r} is invalid: must be an int >= 2")
     rows = [_row(item, i) for i, item in enumerate(prompts)]
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollserve-env") as pool:
-        return _Loop(llm, rows, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs,
-                     pool, keep_kv).run()
+    todo = range(len(rows)) if prompt_indices is None else list(prompt_indices)
+    if bad := [p for p in todo if not (isinstance(p, int) and 0 <= p < len(rows))]:
+        raise ValueError(f"prompt_indices {bad[:5]} are not indices of the {len(rows)} prompts")
+    if len(set(todo)) < len(todo):
+        raise ValueError("prompt_indices holds an index more than once")
+    return _episodes(_Loop(llm, rows, todo, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs,
+                           keep_kv))
+
+
+def _episodes(loop: "_Loop") -> Iterator[list[Episode]]:
+    with ThreadPoolExecutor(max_workers=loop.concurrency, thread_name_prefix="rollserve-env") as pool:
+        loop.pool = pool
+        yield from loop.run()
 
 
 class _Loop:
-    def __init__(self, llm, rows, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs, pool,
+    def __init__(self, llm, rows, todo, env_factory, params, max_turns, limit, concurrency, chat_template_kwargs,
                  keep_kv):
         self.llm, self.rows, self.env_factory, self.params = llm, rows, env_factory, params
         self.keep_kv = keep_kv
-        self.max_turns, self.limit, self.concurrency, self.pool = max_turns, limit, concurrency, pool
+        self.max_turns, self.limit, self.concurrency = max_turns, limit, concurrency
+        self.pool: ThreadPoolExecutor | None = None  # set by `_episodes` for the loop's lifetime
         self.chat = ChatSuffix(llm.inputs, llm.get_tokenizer())
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.todo = deque(range(len(rows)))
+        self.todo = deque(todo)
         self.in_engine: dict[str, list[_Run]] = {}  # request id -> the runs of its samples, by index
         self.in_env: dict = {}  # future -> (what it is: "reset" | "step", its run(s))
         self.num_active = 0
         self.runs: list[_Run] = []  # every episode started, to release what is parked if this call raises
         self.resets: dict[int, list[_Run]] = {}  # prompt index -> its episodes whose reset returned (or raised)
-        self.done: dict[tuple[int, int], Episode] = {}
+        self.done: dict[int, dict[int, Episode]] = {}  # prompt index -> its finished episodes, by sample index
+        self.finished: list[list[Episode]] = []  # prompts whose every episode finished, not yet yielded
 
-    def run(self) -> list[Episode]:
+    def run(self) -> Iterator[list[Episode]]:
         try:
             while self.todo or self.in_engine or self.in_env:
                 self._start()
@@ -108,7 +137,9 @@ class _Loop:
                     for out in self.llm.step():
                         if out.finished and out.request_id in self.in_engine:
                             self._turn_done(self.in_engine.pop(out.request_id), out.output)
-        except BaseException:
+                while self.finished:
+                    yield self.finished.pop(0)
+        except BaseException:  # GeneratorExit included: the caller stopped iterating
             for rid in self.in_engine:
                 self.llm.abort(rid)
             for future in self.in_env:
@@ -116,8 +147,6 @@ class _Loop:
             for run in self.runs:
                 self._release(run)
             raise
-        n = self.params.n
-        return [self.done[(p, s)] for p in range(len(self.rows)) for s in range(n)]
 
     # -- episodes starting --------------------------------------------------
     def _start(self) -> None:
@@ -242,7 +271,11 @@ class _Loop:
     def _finish(self, run: _Run, reason: str, error: str | None = None) -> None:
         self._release(run)
         run.episode.finish_reason, run.episode.error = reason, error
-        self.done[(run.episode.prompt_index, run.episode.sample_index)] = run.episode
+        episodes = self.done.setdefault(run.episode.prompt_index, {})
+        episodes[run.episode.sample_index] = run.episode
+        if len(episodes) == self.params.n:
+            del self.done[run.episode.prompt_index]
+            self.finished.append([episodes[s] for s in range(self.params.n)])
         self.num_active -= 1
 
     # -- environment results --------------------------------------------------

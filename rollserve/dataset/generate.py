@@ -6,6 +6,7 @@ import math
 import numbers
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,7 +75,7 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _check_args(llm, sampling_params, reward_fn, batch_size) -> None:
+def _check_args(llm, sampling_params, reward_fn, batch_size, env_factory, max_turns) -> None:
     if not isinstance(llm, LLM):
         raise TypeError(f"llm must be a rollserve.LLM, got {type(llm).__name__}")
     if llm.get_tokenizer() is None:
@@ -89,6 +90,14 @@ def _check_args(llm, sampling_params, reward_fn, batch_size) -> None:
         raise TypeError(f"reward_fn must be callable or None, got {type(reward_fn).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be an int >= 1 (prompts per shard)")
+    if env_factory is None:
+        return
+    if not callable(env_factory):
+        raise TypeError(f"env_factory must be callable or None, got {type(env_factory).__name__}")
+    if reward_fn is not None:
+        raise ValueError("reward_fn cannot be combined with env_factory: an episode's rewards are its environment's")
+    if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+        raise ValueError(f"max_turns={max_turns!r} is invalid: must be an int >= 1")
 
 
 def _encode(llm, rows: list[PromptRow], chat: bool, params: SamplingParams) -> tuple[list[str], list[list[int]]]:
@@ -123,35 +132,55 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 
 
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
-            reward_name: str | None, model_name: str | None) -> dict:
+            reward_name: str | None, model_name: str | None, env_name: str | None, max_turns: int) -> dict:
     model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
     return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name, model,
-                          dtype=str(llm.model.dtype).removeprefix("torch."))
+                          dtype=str(llm.model.dtype).removeprefix("torch."), env=env_name, max_turns=max_turns)
+
+
+def _name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class _Run:
-    """One `generate_dataset` call: the shards it writes (from the writer thread) and the manifest."""
+class _Completions:
+    """One row per completion: requests are added as earlier ones finish, so the engine stays fed."""
 
-    def __init__(self, store: ShardStore, stats: DatasetStats, manifest: dict, rows: list[PromptRow],
-                 texts: list[str], reward_fn, reward_name: str | None):
-        self.store, self.stats, self.manifest = store, stats, manifest
-        self.rows, self.texts = rows, texts
+    def __init__(self, llm, rows: list[PromptRow], texts: list[str], ids: list[list[int]], params: SamplingParams,
+                 reward_fn, reward_name: str | None):
+        self.llm, self.rows, self.texts, self.ids, self.params = llm, rows, texts, ids, params
         self.reward_fn, self.reward_name = reward_fn, reward_name
-        self.start = time.perf_counter()
-        self.run = {"started": _now(), "elapsed_s": 0.0, "prompts": 0, "completions": 0, "completion_tokens": 0}
-        manifest.setdefault("runs", []).append(self.run)
 
-    def write_manifest(self, complete: bool) -> None:
-        self.run["elapsed_s"] = round(time.perf_counter() - self.start, 3)
-        self.manifest.update(updated=_now(), complete=complete, counts=self.stats.as_dict())
-        self.store.write_manifest(self.manifest)
+    def results(self, todo: list[int]):
+        llm, params = self.llm, self.params
+        max_in_flight = max(1, IN_FLIGHT_FACTOR * llm.config.max_num_seqs // params.n)
+        tag, pending, in_flight = uuid.uuid4().hex[:8], iter(todo), {}
+        try:
+            while True:
+                while len(in_flight) < max_in_flight and (i := next(pending, None)) is not None:
+                    seeded = (params if params.seed is None
+                              else dataclasses.replace(params, seed=prompt_seed(params.seed, i)))
+                    rid = llm.add_request(Prompt(self.ids[i], self.texts[i]), seeded, request_id=f"dataset-{tag}-{i}")
+                    in_flight[rid] = i
+                if not in_flight:
+                    break
+                for out in llm.step():
+                    if out.finished and out.request_id in in_flight:
+                        yield in_flight.pop(out.request_id), out.output
+        finally:
+            for rid in in_flight:
+                llm.abort(rid)
 
-    def write_batch(self, batch) -> None:
-        columns = {name: [] for name in self.store.schema.names}
+    @staticmethod
+    def size(out) -> tuple[int, int]:
+        """(rows, completion tokens)."""
+        return len(out.outputs), sum(len(c.token_ids) for c in out.outputs)
+
+    def columns(self, batch, names: list[str]) -> dict[str, list]:
+        columns = {name: [] for name in names}
         for i, out in batch:
             for c in out.outputs:
                 columns["prompt_index"].append(i)
@@ -166,12 +195,7 @@ class _Run:
                 columns["weight_version"].append(out.weight_version)
                 if self.reward_fn is not None:
                     columns["reward"].append(self._reward(i, c))
-        self.store.write(columns)
-        self.stats.add(columns["prompt_index"], columns["finish_reason"], columns.get("reward"))
-        self.run["prompts"] += len(batch)
-        self.run["completions"] += len(columns["prompt_index"])
-        self.run["completion_tokens"] += sum(map(len, columns["completion_token_ids"]))
-        self.write_manifest(complete=False)
+        return columns
 
     def _reward(self, i: int, completion) -> float:
         row = self.rows[i]
@@ -187,6 +211,33 @@ class _Run:
         return float(value)
 
 
+class _Run:
+    """One `generate_dataset` call: the shards it writes (from the writer thread) and the manifest.
+
+    `source` makes the results and their columns: `_Completions`, or `EpisodeRows` with an environment.
+    """
+
+    def __init__(self, store: ShardStore, stats: DatasetStats, manifest: dict, source):
+        self.store, self.stats, self.manifest, self.source = store, stats, manifest, source
+        self.start = time.perf_counter()
+        self.run = {"started": _now(), "elapsed_s": 0.0, "prompts": 0, "completions": 0, "completion_tokens": 0}
+        manifest.setdefault("runs", []).append(self.run)
+
+    def write_manifest(self, complete: bool) -> None:
+        self.run["elapsed_s"] = round(time.perf_counter() - self.start, 3)
+        self.manifest.update(updated=_now(), complete=complete, counts=self.stats.as_dict())
+        self.store.write_manifest(self.manifest)
+
+    def write_batch(self, batch) -> None:
+        columns = self.source.columns(batch, self.store.schema.names)
+        self.store.write(columns)
+        self.stats.add(columns["prompt_index"], columns["finish_reason"], columns.get("reward"))
+        self.run["prompts"] += len(batch)
+        self.run["completions"] += len(columns["prompt_index"])
+        self.run["completion_tokens"] += sum(self.source.size(result)[1] for _, result in batch)
+        self.write_manifest(complete=False)
+
+
 def _progress(use_tqdm: bool, total: int, done: int):
     if not use_tqdm:
         return None
@@ -195,49 +246,37 @@ def _progress(use_tqdm: bool, total: int, done: int):
     return tqdm(total=total, initial=done, desc="Generating", unit="prompt", dynamic_ncols=True)
 
 
-def _generate(llm, todo: list[int], ids: list[list[int]], texts: list[str], params: SamplingParams,
-              batch_size: int, writer: ShardWriter, bar) -> None:
-    """Keeps the engine fed: requests are added as earlier ones finish, finished prompts go to the writer."""
-    max_in_flight = max(1, IN_FLIGHT_FACTOR * llm.config.max_num_seqs // params.n)
-    tag, pending, in_flight, batch = uuid.uuid4().hex[:8], iter(todo), {}, []
-    completions = tokens = 0
+def _write_in_shards(source, todo: list[int], batch_size: int, writer: ShardWriter, bar) -> None:
+    """Hands finished prompts to the writer `batch_size` at a time; what is finished when interrupted too."""
+    batch, completions, tokens = [], 0, 0
     start = time.perf_counter()
-    try:
-        while True:
-            while len(in_flight) < max_in_flight and (i := next(pending, None)) is not None:
-                seeded = params if params.seed is None else dataclasses.replace(params, seed=prompt_seed(params.seed, i))
-                rid = llm.add_request(Prompt(ids[i], texts[i]), seeded, request_id=f"dataset-{tag}-{i}")
-                in_flight[rid] = i
-            if not in_flight:
-                break
-            finished = [out.output for out in llm.step() if out.finished and out.request_id in in_flight]
-            for out in finished:
-                batch.append((in_flight.pop(out.request_id), out))
-                completions += len(out.outputs)
-                tokens += sum(len(c.token_ids) for c in out.outputs)
+    with closing(source.results(todo)) as results:  # closing it aborts the requests still in flight
+        try:
+            for i, result in results:
+                batch.append((i, result))
+                num_rows, num_tokens = source.size(result)
+                completions, tokens = completions + num_rows, tokens + num_tokens
                 if len(batch) == batch_size:
                     writer.put(batch)
                     batch = []
-            if bar is not None and finished:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{completions / elapsed:.1f} completions/s, {tokens / elapsed:.0f} tok/s",
-                                    refresh=False)
-                bar.update(len(finished))
-        if batch:
-            writer.put(batch)
-    except KeyboardInterrupt:
-        if batch:  # keep what is finished: the rerun resumes after it
-            writer.put(batch)
-        raise
-    finally:
-        for rid in in_flight:
-            llm.abort(rid)
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{completions / elapsed:.1f} completions/s, {tokens / elapsed:.0f} tok/s",
+                                        refresh=False)
+                    bar.update(1)
+            if batch:
+                writer.put(batch)
+        except KeyboardInterrupt:
+            if batch:  # keep what is finished: the rerun resumes after it
+                writer.put(batch)
+            raise
 
 
 def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, reward_fn=None,
                      batch_size: int = 64, resume: bool = True, *, prompt_field: str = "prompt", chat: bool = False,
                      output_format: str = "parquet", overwrite: bool = False, use_tqdm: bool = True,
-                     model_name: str | None = None, reward_name: str | None = None) -> DatasetSummary:
+                     model_name: str | None = None, reward_name: str | None = None, env_factory=None,
+                     max_turns: int = 4, env_name: str | None = None) -> DatasetSummary:
     """Samples `sampling_params.n` completions of every prompt and writes them to `output_dir` as shards.
 
     `prompts`: a `.jsonl`/`.parquet` path, a `datasets.save_to_disk` folder, a `datasets.Dataset`, a list of
@@ -261,32 +300,52 @@ def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, 
     row's other fields; it runs in the writer thread, a shard's completions at a time. If it raises, the run
     stops with `RewardError` naming the row; shards already written stay.
 
+    Episodes: with `env_factory` (an `Environment` factory, `rollserve.agents`) every (prompt, sample) is a
+    multi-turn episode of at most `max_turns` model turns (`rollserve.agents.iter_episodes`, KV kept between
+    turns) instead of one completion, and is one row: `prompt_index, prompt, sample_index, token_ids, mask`
+    (1 = sampled), `logprobs, weight_versions` (null where mask is 0), `num_prompt_tokens, rewards` (per turn),
+    `reward` (their sum), `num_turns, finish_reason` (done / max_turns / length / error), `error`, and
+    `messages` (the conversation as a JSON string). Prompts always get the chat template; the row's other
+    fields go to `env.reset(prompt, **fields)`. A seeded run seeds every turn from the seed, prompt index,
+    sample index and turn. `env_name` (default the factory's qualified name) and `max_turns` are recorded as
+    parameters. `reward_fn` is refused with `env_factory`.
+
     Every input is read, tokenized and checked before anything is written: a bad row raises
     `PromptFileError` (a `ValueError`) naming the file and line.
     """
-    _check_args(llm, sampling_params, reward_fn, batch_size)
+    _check_args(llm, sampling_params, reward_fn, batch_size, env_factory, max_turns)
     prompt_set = prompts if isinstance(prompts, PromptSet) else read_prompts(prompts, prompt_field)
     rows = prompt_set.rows
     if reward_fn is not None:
         _reward_kwargs_clash(rows)
-        reward_name = reward_name or f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
-    texts, ids = _encode(llm, rows, chat, sampling_params)
+        reward_name = reward_name or _name(reward_fn)
+    episodes = env_factory is not None
+    texts, ids = _encode(llm, rows, chat or episodes, sampling_params)
+    if episodes:
+        from .episodes import EpisodeRows
+
+        env_name = env_name or _name(env_factory)
+        concurrency = max(sampling_params.n, IN_FLIGHT_FACTOR * llm.config.max_num_seqs)
+        source = EpisodeRows(llm, rows, texts, env_factory, sampling_params, max_turns, concurrency)
+    else:
+        source = _Completions(llm, rows, texts, ids, sampling_params, reward_fn, reward_name)
     config = _config(llm, prompt_set, sampling_params, chat, prompt_field, output_format,
-                     reward_name if reward_fn is not None else None, model_name)
-    store = ShardStore(output_dir, output_format, reward_fn is not None)
+                     reward_name if reward_fn is not None else None, model_name, env_name if episodes else None,
+                     max_turns)
+    store = ShardStore(output_dir, output_format, reward_fn is not None, episodes)
     store.check(config, resume, overwrite)
     stats = DatasetStats() if overwrite else store.scan(len(rows), sampling_params.n)
     store.open(overwrite)
     manifest = (None if overwrite else store.read_manifest()) or {"created": _now()}
     manifest.update(rollserve_version=__version__, config=config, input=prompt_set.source)
-    run = _Run(store, stats, manifest, rows, texts, reward_fn, reward_name)
+    run = _Run(store, stats, manifest, source)
     resumed = len(stats.prompt_indices)
     run.write_manifest(complete=resumed == len(rows))
     todo = [i for i in range(len(rows)) if i not in stats.prompt_indices]
     bar = _progress(use_tqdm, len(rows), resumed)
     writer = ShardWriter(run.write_batch)
     try:
-        _generate(llm, todo, ids, texts, sampling_params, batch_size, writer, bar)
+        _write_in_shards(source, todo, batch_size, writer, bar)
     finally:
         if bar is not None:
             bar.close()

@@ -34,12 +34,14 @@ def model_id(model: str) -> str:
 
 
 def dataset_config(prompt_set, params: dict, chat: bool, prompt_field: str, fmt: str, reward: str | None,
-                   model: str, dtype: str | None) -> dict:
+                   model: str, dtype: str | None, env: str | None = None, max_turns: int | None = None) -> dict:
     """The parameters a dataset is generated with, as its manifest records them (`params`: the SamplingParams
-    as a dict; `dtype`: the weights', e.g. "float32"; None: not known yet, left out)."""
-    config = {"model": model_id(model), "dtype": dtype, "sampling_params": params, "chat": chat,
+    as a dict; `dtype`: the weights', e.g. "float32"; None: not known yet, left out; `env`, `max_turns`: the
+    environment of an episode dataset, None for completions). Episodes always render the chat template."""
+    config = {"model": model_id(model), "dtype": dtype, "sampling_params": params, "chat": chat or env is not None,
               "prompt_field": prompt_field, "input_fingerprint": prompt_set.fingerprint,
-              "num_prompts": len(prompt_set), "format": fmt, "reward": reward}
+              "num_prompts": len(prompt_set), "format": fmt, "reward": reward, "env": env,
+              "max_turns": max_turns if env is not None else None}
     return config if dtype is not None else {k: v for k, v in config.items() if k != "dtype"}
 
 
@@ -66,6 +68,19 @@ def arrow_schema(with_reward: bool):
     if with_reward:
         fields.append(("reward", pa.float64()))
     return pa.schema(fields)
+
+
+def episode_schema():
+    """The rows of an episode dataset (`--env`): one per (prompt, sample) episode, `reward` the sum of `rewards`."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("prompt_index", pa.int64()), ("prompt", pa.string()), ("sample_index", pa.int64()),
+        ("token_ids", pa.list_(pa.int32())), ("mask", pa.list_(pa.int8())), ("logprobs", pa.list_(pa.float32())),
+        ("weight_versions", pa.list_(pa.int64())), ("num_prompt_tokens", pa.int64()),
+        ("rewards", pa.list_(pa.float64())), ("reward", pa.float64()), ("num_turns", pa.int64()),
+        ("finish_reason", pa.string()), ("error", pa.string()), ("messages", pa.string()),
+    ])
 
 
 @dataclass
@@ -116,13 +131,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class ShardStore:
-    def __init__(self, out_dir, fmt: str, with_reward: bool):
+    def __init__(self, out_dir, fmt: str, with_reward: bool, episodes: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"format={fmt!r} is invalid: must be one of {', '.join(FORMATS)}")
         self.dir = Path(out_dir)
         self.fmt = fmt
-        self.with_reward = with_reward
-        self.schema = arrow_schema(with_reward)
+        self.with_reward = with_reward or episodes
+        self.schema = episode_schema() if episodes else arrow_schema(with_reward)
         self._next = 0
 
     def _shards(self) -> list[tuple[int, Path]]:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rollserve import LLM, SamplingParams
-from rollserve.agents import TemplatePrefixError, run_episodes
+from rollserve.agents import TemplatePrefixError, iter_episodes, run_episodes
 
 from helpers import one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 from scripted import PROMPT, GuessTheNumber, PrefillProbe
@@ -84,6 +84,33 @@ def test_seeded_episodes_repeat(llm):
     b = run_episodes(llm, [PROMPT], GuessTheNumber, params, max_turns=3, concurrency=1)
     assert [e.token_ids for e in a] == [e.token_ids for e in b]
     assert a[0].token_ids != a[1].token_ids
+
+
+def test_iter_episodes_yields_prompts_as_they_finish_seeded_as_in_the_whole_set(llm):
+    """What resuming a dataset relies on: a run over some of the prompts samples what a run over all of them
+    sampled for those prompts, and each prompt's episodes come back together."""
+    rows = [{"prompt": PROMPT + f" Game {i}.", "target": 37} for i in range(4)]
+    params = SamplingParams(n=2, max_tokens=6, seed=5)
+    everything = run_episodes(llm, rows, GuessTheNumber, params, max_turns=3)
+    groups = list(iter_episodes(llm, rows, GuessTheNumber, params, prompt_indices=[3, 1], max_turns=3))
+    assert sorted(g[0].prompt_index for g in groups) == [1, 3]
+    for group in groups:
+        p = group[0].prompt_index
+        assert [(e.prompt_index, e.sample_index) for e in group] == [(p, 0), (p, 1)]
+        assert [e.token_ids for e in group] == [e.token_ids for e in everything[2 * p:2 * p + 2]]
+    with pytest.raises(ValueError, match=r"prompt_indices \[4\] are not indices of the 4 prompts"):
+        iter_episodes(llm, rows, GuessTheNumber, params, prompt_indices=[0, 4])
+    with pytest.raises(ValueError, match="more than once"):
+        iter_episodes(llm, rows, GuessTheNumber, params, prompt_indices=[1, 1])
+
+
+def test_closing_iter_episodes_early_aborts_and_releases(llm):
+    episodes = iter_episodes(llm, [PROMPT + f" Game {i}." for i in range(4)], GuessTheNumber,
+                             SamplingParams(max_tokens=6, seed=0), max_turns=3, concurrency=2)
+    first = next(episodes)
+    assert llm.has_unfinished() or llm.metrics()["num_parked"] > 0  # the other episode is still in flight
+    episodes.close()
+    assert len(first) == 1 and not llm.has_unfinished() and llm.metrics()["num_parked"] == 0
 
 
 def _turn_prefills(llm, keep_kv: bool):
