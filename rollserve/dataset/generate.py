@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import math
 import numbers
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -74,9 +75,14 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _is_cluster(llm) -> bool:
+    cluster = sys.modules.get("rollserve.cluster")  # not imported: llm cannot be one (and Ray stays out)
+    return cluster is not None and isinstance(llm, cluster.RolloutCluster)
+
+
 def _check_args(llm, sampling_params, reward_fn, batch_size) -> None:
-    if not isinstance(llm, LLM):
-        raise TypeError(f"llm must be a rollserve.LLM, got {type(llm).__name__}")
+    if not (isinstance(llm, LLM) or _is_cluster(llm)):
+        raise TypeError(f"llm must be a rollserve.LLM or a rollserve.cluster.RolloutCluster, got {type(llm).__name__}")
     if llm.get_tokenizer() is None:
         raise ValueError("generate_dataset needs an LLM with a tokenizer (prompts are text)")
     if llm.has_unfinished():
@@ -124,9 +130,12 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
             reward_name: str | None, model_name: str | None) -> dict:
-    model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
-    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name, model,
-                          dtype=str(llm.model.dtype).removeprefix("torch."))
+    if _is_cluster(llm):  # every replica holds the same model
+        name, dtype = llm.model_name, llm.dtype
+    else:
+        name, dtype = getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__, llm.model.dtype
+    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name,
+                          model_name or name, dtype=str(dtype).removeprefix("torch."))
 
 
 def _now() -> str:
@@ -198,7 +207,8 @@ def _progress(use_tqdm: bool, total: int, done: int):
 def _generate(llm, todo: list[int], ids: list[list[int]], texts: list[str], params: SamplingParams,
               batch_size: int, writer: ShardWriter, bar) -> None:
     """Keeps the engine fed: requests are added as earlier ones finish, finished prompts go to the writer."""
-    max_in_flight = max(1, IN_FLIGHT_FACTOR * llm.config.max_num_seqs // params.n)
+    engines = llm.num_replicas if _is_cluster(llm) else 1
+    max_in_flight = max(1, IN_FLIGHT_FACTOR * engines * llm.config.max_num_seqs // params.n)
     tag, pending, in_flight, batch = uuid.uuid4().hex[:8], iter(todo), {}, []
     completions = tokens = 0
     start = time.perf_counter()
@@ -239,6 +249,9 @@ def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, 
                      output_format: str = "parquet", overwrite: bool = False, use_tqdm: bool = True,
                      model_name: str | None = None, reward_name: str | None = None) -> DatasetSummary:
     """Samples `sampling_params.n` completions of every prompt and writes them to `output_dir` as shards.
+
+    `llm`: a `rollserve.LLM`, or a `rollserve.cluster.RolloutCluster` to spread the prompts over its replicas
+    (the same rows, shards and resume; a dataset may be resumed with either).
 
     `prompts`: a `.jsonl`/`.parquet` path, a `datasets.save_to_disk` folder, a `datasets.Dataset`, a list of
     rows (strings, chat message lists, or mappings holding one under `prompt_field`), or a `PromptSet`.
