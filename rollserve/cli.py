@@ -171,6 +171,10 @@ def _run_generate(args) -> int:
         if args.replicas is not None:
             llm.shutdown()
     print(summary)
+    if args.replicas is not None:
+        import ray
+
+        print(f"  engines: {args.replicas} replicas on the Ray cluster at {ray.get_runtime_context().gcs_address}")
     return 0
 
 

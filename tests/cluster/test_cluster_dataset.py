@@ -108,7 +108,8 @@ def test_cli_replicas_survive_a_sigkill_and_a_rerun_completes_each_prompt_once(r
         return ["--model", tiny_model_dir, "--prompts", root / "prompts.jsonl", "--out", out, *sampling, *engine,
                 "--batch-size", 2, "--reward", reward, "--no-progress", "--replicas", 2, *extra]
 
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # cli_env() copies os.environ
+    address = ray.get_runtime_context().gcs_address
+    monkeypatch.setenv("RAY_ADDRESS", address)  # cli_env() copies os.environ
     assert kill_after_first_shard(cli_command(*args()), out, timeout=300) == -signal.SIGKILL
     done_after_kill = {r["prompt_index"] for r in rows(out)}
     assert 0 < len(done_after_kill) < NUM_PROMPTS, "the kill must land between the first shard and the end"
@@ -116,6 +117,7 @@ def test_cli_replicas_survive_a_sigkill_and_a_rerun_completes_each_prompt_once(r
     resumed = run_cli(*args(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(done_after_kill)} resumed" in resumed.stdout
+    assert f"engines: 2 replicas on the Ray cluster at {address}" in resumed.stdout
     assert not list(out.glob(".*.tmp"))
     assert_same_rows(rows(out), rows(reference))
     manifest = json.loads((out / "manifest.json").read_text())
