@@ -49,8 +49,10 @@ class BroadcastGroup:
             self._sender.send(read_buckets(values), version, require_all)
         except (ValueError, TypeError):
             pass  # a refusal: the replicas' calls say whose, and the group is still in step
-        except BaseException:
-            self.close()  # a collective failed: the group is unusable; the others' receives fail now
+        except BaseException as e:
+            self.close()  # a collective failed or was interrupted: the group is unusable; the others fail now
+            if not isinstance(e, Exception):
+                raise
         return calls
 
     def _join(self, live: list) -> None:

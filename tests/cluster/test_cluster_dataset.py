@@ -9,6 +9,7 @@ through a SIGKILL. The CLI subprocesses join this test's Ray (RAY_ADDRESS), so n
 import json
 import shutil
 import signal
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,6 +54,12 @@ def make(engine, job, out, **kwargs):
 
 
 @pytest.fixture(scope="module")
+def cluster(ray_session, tiny_model_dir):
+    with RolloutCluster(str(tiny_model_dir), 2, **ENGINE) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def reference(job, tiny_model_dir):
     """The dataset from one LLM in this process."""
     out = job[0] / "single"
@@ -76,25 +83,43 @@ def assert_same_rows(got, want):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=TOL), where
 
 
-def test_a_cluster_writes_the_rows_one_llm_writes_and_finishes_a_dataset_it_began(ray_session, job, reference,
-                                                                                 tiny_model_dir):
-    with RolloutCluster(str(tiny_model_dir), 2, **ENGINE) as cluster:
-        out = job[0] / "cluster"
-        summary = make(cluster, job, out)
-        assert summary.complete and summary.num_prompts_generated == NUM_PROMPTS
-        assert all(s.requests > 0 for s in cluster.stats())  # both replicas generated
-        assert_same_rows(rows(out), rows(reference))
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["config"] == json.loads((reference / "manifest.json").read_text())["config"]
+def test_a_cluster_writes_the_rows_one_llm_writes_and_finishes_a_dataset_it_began(cluster, job, reference):
+    out = job[0] / "cluster"
+    summary = make(cluster, job, out)
+    assert summary.complete and summary.num_prompts_generated == NUM_PROMPTS
+    assert all(s.requests > 0 for s in cluster.stats())  # both replicas generated
+    assert_same_rows(rows(out), rows(reference))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"] == json.loads((reference / "manifest.json").read_text())["config"]
 
-        begun = job[0] / "begun-by-one-llm"
-        shutil.copytree(reference, begun)
-        for shard in sorted(begun.glob("train-*.parquet"))[-3:]:
-            shard.unlink()  # as if the single-engine run had been killed 6 prompts before the end
-        resumed = make(cluster, job, begun)
-        assert (resumed.num_prompts_resumed, resumed.num_prompts_generated) == (NUM_PROMPTS - 6, 6)
-        assert_same_rows(rows(begun), rows(reference))
-        assert not cluster.has_unfinished()
+    begun = job[0] / "begun-by-one-llm"
+    shutil.copytree(reference, begun)
+    for shard in sorted(begun.glob("train-*.parquet"))[-3:]:
+        shard.unlink()  # as if the single-engine run had been killed 6 prompts before the end
+    resumed = make(cluster, job, begun)
+    assert (resumed.num_prompts_resumed, resumed.num_prompts_generated) == (NUM_PROMPTS - 6, 6)
+    assert_same_rows(rows(begun), rows(reference))
+    assert not cluster.has_unfinished()
+
+
+def test_the_step_api_names_requests_by_the_callers_ids_and_abort_stops_one_on_its_replica(cluster):
+    before = sum(s.metrics["generation_tokens"] for s in cluster.stats())
+    cluster.add_request([1, 2, 3], SamplingParams(max_tokens=240, ignore_eos=True), "long")
+    cluster.add_request([4, 5, 6], SamplingParams(max_tokens=1), "short")
+    with pytest.raises(ValueError, match="request_id='long' is already in use"):
+        cluster.add_request([7], None, "long")
+    assert cluster.num_unfinished == 2
+    finished = []
+    while not finished:
+        finished = cluster.step()
+    assert [(o.request_id, o.output.request_id, o.finished) for o in finished] == [("short", "short", True)]
+    cluster.abort("long")
+    assert not cluster.has_unfinished() and cluster.step() == []
+    deadline = time.monotonic() + 60
+    while any(s.metrics["num_running"] + s.metrics["num_waiting"] for s in cluster.stats()):
+        assert time.monotonic() < deadline, "the replica kept running the aborted request"
+        time.sleep(0.05)
+    assert sum(s.metrics["generation_tokens"] for s in cluster.stats()) - before < 1 + 240
 
 
 def test_cli_replicas_survive_a_sigkill_and_a_rerun_completes_each_prompt_once(ray_session, job, reference,
