@@ -158,3 +158,13 @@ def test_cli_replicas_survive_a_sigkill_and_a_rerun_completes_each_prompt_once(r
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     assert "other parameters (temperature: 1.0 -> 0.5): use another output folder, or --overwrite" in changed.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_bad_replica_count_is_an_argument_error_before_ray_starts(job, tiny_model_dir, run_cli, monkeypatch):
+    root, _ = job
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # reaching Ray would hang, not fail
+    out = root / "zero-replicas"
+    bad = run_cli("--model", tiny_model_dir, "--prompts", root / "prompts.jsonl", "--out", out, "--replicas", 0)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "num_replicas=0 is invalid: must be an int >= 1" in bad.stderr
+    assert not out.exists()
