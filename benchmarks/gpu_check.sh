@@ -6,11 +6,15 @@
 # Steps, each under its own time limit, all logged:
 #   1. install: the package with its test and triton extras (skipped when offline and already importable)
 #   2. the environment: torch, CUDA, the GPU, triton
-#   3. the Triton tests (tests marked `triton`) and the kernel references, on the GPU: real kernels, no interpreter
+#   3. the Triton tests (tests marked `triton`) and the kernel references, on the GPU: real kernels, no interpreter;
+#      the CUDA-only tests (marked `cuda`): decode CUDA graphs vs eager and across weight updates, weight buckets
+#      by CUDA IPC handle (and over NCCL with two GPUs)
 #   4. parity on SmolLM2-135M-Instruct fp32: Triton / torch attention / HF generate, logprobs vs the trainer
-#   5. speed: the GRPO workload (32 prompts x n=8 x 128 tokens) on a ~1.1B Llama with random weights,
-#      rollserve on both attention backends and vLLM when it installs; one weight-sync timing
-#   6. TRL GRPO under FSDP2 on one GPU, 2 steps, fingerprints equal after each
+#   5. one timed weight sync per cross-process transport (shared memory by CUDA IPC handle; NCCL with two GPUs)
+#   6. speed: the GRPO workload (32 prompts x n=8 x 128 tokens) on a ~1.1B Llama with random weights,
+#      rollserve on both attention backends (Triton with and without CUDA graphs) and vLLM when it installs;
+#      one in-process weight-sync timing
+#   7. TRL GRPO under FSDP2 on one GPU, 2 steps, fingerprints equal after each
 # The whole run stays within GPU_CHECK_BUDGET seconds (default 480): a step gets at most what is left, and
 # the steps run most important first (vLLM last). Exit status: 0 all passed; 1 a step failed (a parity or test
 # failure, or a crash: the log says which); 2 nothing failed but a step could not run (no GPU, out of time).
@@ -76,7 +80,10 @@ run "tests: Triton kernels and the engine on them, on the GPU" 150 \
     $PY -m pytest -q -p no:cacheprovider -m triton tests/kernels --ignore=tests/kernels/test_triton_compile.py
 run "tests: kernel references and backend choice" 60 \
     $PY -m pytest -q -p no:cacheprovider tests/kernels -m "not triton"
+run "tests: CUDA graphs, CUDA IPC and NCCL weight transports (marked cuda)" 120 \
+    $PY -m pytest -q -p no:cacheprovider -m cuda tests/engine/test_cuda_graphs.py tests/weight_sync/test_gpu_transports.py
 run "parity: SmolLM2-135M fp32" 90 $PY benchmarks/gpu_parity.py
+run "weight sync across processes: CUDA IPC (and NCCL with two GPUs), 1.1B bf16" 90 $PY benchmarks/gpu_weight_sync.py
 
 OUT=$(mktemp -d)
 run "TRL GRPO under FSDP2, one GPU, 2 steps" 90 \

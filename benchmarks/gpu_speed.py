@@ -4,8 +4,9 @@ weights, bf16) with SmolLM2's tokenizer.
     python benchmarks/gpu_speed.py [--device cuda] [--backends triton torch] [--vllm PYTHON] [--layers 22]
                                    [--num-prompts 32] [--max-tokens 128]
 
-Prints completion tokens/s for rollserve on each attention backend and, with `--vllm PYTHON` (an interpreter
-that has vLLM; it runs gpu_vllm.py in its own process on the same model, saved), for vLLM and the ratio.
+Prints completion tokens/s for rollserve on each attention backend (Triton with and without CUDA graphs)
+and, with `--vllm PYTHON` (an interpreter that has vLLM; it runs gpu_vllm.py in its own process on the
+same model, saved), for vLLM and the ratio.
 The weight sync is `LLM.update_weights` of every parameter (the trainer's copy on the same GPU, scaled so
 that it differs), timed, and checked by fingerprint: the exit status is 1 if the engine's weights are not
 the trainer's.
@@ -116,11 +117,16 @@ def main() -> int:
     print(f"model: Llama {size:.2f}B parameters, bf16, random weights; workload: {ns.num_prompts} prompts x "
           f"n={NUM_GENERATIONS} x {ns.max_tokens} tokens, T={TEMPERATURE}")
     ok, figures = True, {}
-    for backend in ns.backends:
-        llm = LLM(model, tokenizer, attention_backend=backend, kv_cache_memory="8GiB", max_num_seqs=256)
-        figures[backend] = rollserve_tok_s(llm, ns.num_prompts, ns.max_tokens, ns.device)
-        print(f"rollserve ({backend} attention): {figures[backend]:.0f} tok/s", flush=True)
-        if backend == ns.backends[0]:
+    # CUDA graphs replay decode steps with the Triton kernels only (engine/cuda_graphs.py): measured with and without
+    on_cuda = torch.device(ns.device).type == "cuda"
+    runs = [(b, g) for b in ns.backends for g in ((True, False) if b == "triton" and on_cuda else (False,))]
+    for backend, graphs in runs:
+        llm = LLM(model, tokenizer, attention_backend=backend, cuda_graphs=graphs, kv_cache_memory="8GiB",
+                  max_num_seqs=256)
+        label = f"{backend} attention{', CUDA graphs' if graphs else ''}"
+        figures[label] = rollserve_tok_s(llm, ns.num_prompts, ns.max_tokens, ns.device)
+        print(f"rollserve ({label}): {figures[label]:.0f} tok/s", flush=True)
+        if (backend, graphs) == runs[0]:
             ok &= weight_sync(llm, model, ns.device)
         del llm
     if ns.vllm:

@@ -88,6 +88,12 @@ def _bool(value):
     return value
 
 
+def _bool_or_auto(value):
+    if value is not None and not isinstance(value, bool):
+        raise ValueError("must be None (auto), True or False")
+    return value
+
+
 def _choice(*allowed: str):
     def check(value):
         if value not in allowed:
@@ -132,6 +138,17 @@ class EngineConfig:
                 "block_size is a power of two >= 16; on the CPU the C++ decode kernel where `make install` built it; "
                 "else the torch references), 'torch' or 'triton'",
         _choice("auto", "torch", "triton"))
+    sampling_backend: str = _arg(
+        "auto", "sampling of plain batches (no penalties, filters or top logprobs: the RL rollout case): 'auto' "
+                "(the fused Triton kernel when the model is on a CUDA device and triton is installed, else torch), "
+                "'torch' or 'triton'. The fused kernel's logprob is z[tok] - logsumexp(z) within ~1e-6 of the "
+                "trainer's log_softmax, as the torch plain path is; other batches always take the torch path",
+        _choice("auto", "torch", "triton"))
+    cuda_graphs: bool | None = _arg(
+        None, "replay decode steps as CUDA graphs captured per padded batch size (fewer kernel launches; "
+              "prefill steps run eagerly): None/auto = on when the model is on a CUDA device and the Triton "
+              "attention kernels run, True to require it, False off (never on the CPU)",
+        _bool_or_auto, flag="--cuda-graphs")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -150,13 +167,17 @@ def add_engine_arguments(parser) -> None:
     """One option per `EngineConfig` field on `parser` (or an argument group): `--kv-cache-memory 2GiB`, ...
 
     A bool field is a flag: `--field-name` when it is off by default, the field's `flag` (such as
-    `--no-prefix-caching`) when on. Values are checked as they are parsed, so a bad one is an
-    argparse error naming the option.
+    `--no-prefix-caching`) when on; a bool that defaults to None (auto) has both `--flag` and
+    `--no-flag`. Values are checked as they are parsed, so a bad one is an argparse error naming
+    the option.
     """
     for f in fields(EngineConfig):
         if f.default is True:
             parser.add_argument(f.metadata["flag"], dest=f.name, action="store_false",
                                 help=f"sets {f.name}=False (on by default: {f.metadata['help']})")
+        elif f.metadata["check"] is _bool_or_auto:
+            parser.add_argument(f.metadata["flag"], dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{f.metadata['help']} (default: auto)")
         elif f.default is False:
             parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
         else:

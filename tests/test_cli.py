@@ -16,10 +16,10 @@ from helpers import REPO, cli_env
 
 ENGINE_ARGV = ["--dtype", "bf16", "--block-size", "32", "--kv-cache-memory", "512MiB", "--max-num-seqs", "8",
                "--max-num-batched-tokens", "128", "--no-prefix-caching", "--max-model-len", "64", "--seed", "3",
-               "--double-buffer-weights", "--attention-backend", "torch"]
+               "--double-buffer-weights", "--attention-backend", "torch", "--no-cuda-graphs"]
 ENGINE_ARGS = EngineConfig(dtype="bf16", block_size=32, kv_cache_memory=512 << 20, max_num_seqs=8,
                            max_num_batched_tokens=128, enable_prefix_caching=False, max_model_len=64, seed=3,
-                           double_buffer_weights=True, attention_backend="torch")
+                           double_buffer_weights=True, attention_backend="torch", cuda_graphs=False)
 REQUIRED = {"generate": ["--model", "m", "--prompts", "p.jsonl", "--out", "o"], "serve": ["--model", "m"]}
 HEAVY = ("torch", "transformers")
 
@@ -46,7 +46,7 @@ def test_serve_and_generate_have_the_same_engine_options():
     assert generate == serve
     assert {"--kv-cache-memory", "--no-prefix-caching", "--double-buffer-weights", "--max-num-seqs",
             "--max-num-batched-tokens", "--max-model-len", "--dtype", "--seed", "--block-size",
-            "--attention-backend"} == set(serve)
+            "--attention-backend", "--sampling-backend", "--cuda-graphs", "--no-cuda-graphs"} == set(serve)
 
 
 def test_standalone_server_parser_matches():

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EngineConfig
+from ..kernels.backend import choose_sampling_backend, sampling_kernel
 from ..outputs import StepOutput
 from .beam_search import BeamSearcher
 from .block_manager import BlockManager
@@ -45,8 +46,10 @@ class LLMEngine:
                              f"(one block of {config.block_size} tokens takes {bytes_per_block} bytes)")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend)
-        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend,
+                                  config.cuda_graphs, config.max_num_seqs, max_model_len)
+        self.sampler = Sampler(config.seed, sampling_kernel(choose_sampling_backend(config.sampling_backend,
+                                                                                    self.runner.device)))
         self.requests: dict[str, BaseRequest] = {}
         self.stats = EngineStats()
         self.weight_version = 0

@@ -8,6 +8,7 @@ from ..kernels.backend import attention_ops, choose_attention_backend
 from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
 from ..kernels.fused_linear import FusedProjections, find_groups
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
+from .cuda_graphs import DecodeGraphs, capture_sizes, use_cuda_graphs
 from .kv_cache import PagedKVCache
 from .scheduler import SchedulerOutput
 
@@ -49,21 +50,28 @@ def _eval_mode(model):
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, attention_backend: str):
+    def __init__(self, model, num_blocks: int, block_size: int, attention_backend: str,
+                 cuda_graphs: bool | None, max_num_seqs: int, max_model_len: int):
         register()
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device
-        self.attention_ops = attention_ops(choose_attention_backend(attention_backend, self.device, block_size))
+        backend = choose_attention_backend(attention_backend, self.device, block_size)
+        self.attention_ops = attention_ops(backend)
         self.dtype = next(model.parameters()).dtype
+        graphs = use_cuda_graphs(cuda_graphs, self.device, backend)
         num_layers, num_kv_heads, head_dim = kv_cache_geometry(model.config)
-        self._kv_shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # With graphs, block `num_blocks` (never handed out) takes the K/V of a padded batch's padding rows.
+        self._kv_shape = (num_layers, num_blocks + int(graphs), block_size, num_kv_heads, head_dim)
         self.kv_cache = self._new_kv_cache()
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
         self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
         groups = find_groups(model)
         self._fused = FusedProjections(groups) if groups else None
+        max_blocks = min(-(-max_model_len // block_size), num_blocks)
+        self.decode_graphs = (DecodeGraphs(self, capture_sizes(max_num_seqs), max_blocks, scratch_block=num_blocks)
+                              if graphs else None)
 
     def weights_changed(self) -> None:
         """New weights are in place: copies derived from them are rebuilt before the next forward."""
@@ -76,6 +84,8 @@ class ModelRunner:
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None
+        if self.decode_graphs is not None:
+            self.decode_graphs.release()
 
     def allocate_kv_cache(self) -> None:
         if self.kv_cache is None:
@@ -160,13 +170,23 @@ class ModelRunner:
         for _, first, _, count in prompt_rows:
             keep.extend(range(first, first + count))
         keep = torch.tensor(keep, dtype=torch.long, device=self.device)
+        return self.call_model(input_ids, positions, meta, keep)
+
+    @contextmanager
+    def model_modes(self):
+        """What the model runs under in an engine step (paged attention, eval mode, GEMM modes)."""
         with (_paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext(),
               self._fused or nullcontext()):
+            yield
+
+    def call_model(self, input_ids, positions, meta, logits_to_keep) -> torch.Tensor:
+        """The HF module on one packed row; float32 logits of the rows `logits_to_keep` (a tensor, or 0: all)."""
+        with self.model_modes():
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
                 rollserve_meta=meta,
-                logits_to_keep=keep,
+                logits_to_keep=logits_to_keep,
                 use_cache=False,
             )
         return out.logits[0].float()
@@ -177,4 +197,6 @@ class ModelRunner:
             src, dst = zip(*batch.block_copies)
             self.kv_cache.copy_blocks(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
         input_ids, positions, meta, rows, order, prompt_rows = self.prepare(batch)
+        if self.decode_graphs is not None and self.decode_graphs.fits(meta, len(input_ids), prompt_rows):
+            return self.decode_graphs.run(input_ids, positions, meta, rows), rows, order, prompt_rows
         return self.forward(input_ids, positions, meta, rows, prompt_rows), rows, order, prompt_rows

@@ -17,6 +17,9 @@ token's logprob is `z[tok] - logsumexp(z)` from the same exp pass the draw
 uses, within float rounding of the trainer's `log_softmax`; otherwise the
 full [rows, vocab] `log_softmax` is the trainer's op, bit for bit.
 
+On a GPU, plain batches may instead take one fused kernel (`kernels/triton_sampling.py`, chosen by
+`EngineConfig.sampling_backend`): the same draw for the same uniforms, the logprob within ~1e-6.
+
 Sampling inverts each row's CDF with one uniform number (drawn from the row's
 own generator when the request is seeded), so a seeded row's draw does not
 depend on the rest of the batch. Rows are processed a few at a time so the
@@ -235,8 +238,12 @@ def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, seed: int):
+    """`fused`: a `kernels.sampling.sample`-like kernel for plain batches (`kernels.backend.sampling_kernel`), or
+    None for the torch path everywhere."""
+
+    def __init__(self, seed: int, fused=None):
         self.generator = torch.Generator().manual_seed(seed)
+        self.fused = fused
 
     def _uniforms(self, generators: list) -> torch.Tensor:
         u = torch.rand(len(generators), generator=self.generator)
@@ -251,6 +258,8 @@ class Sampler:
         dev = logits.device
         u = self._uniforms(batch.generators).to(dev)
         if batch.plain:
+            if self.fused is not None:
+                return self._fused_plain(logits, batch, u)
             return self._plain(logits, batch, u)
         z_all = batch.apply_penalties(logits) if batch.modifies_logits else logits
         tokens = torch.empty(rows, dtype=torch.long, device=dev)
@@ -331,6 +340,13 @@ class Sampler:
             if not t1:  # the trainer's division, on the one logit needed (max(x / T) = max(x) / T exactly)
                 x_tok, mx = x_tok / temps, mx / temps
             logprobs[e] = (x_tok - mx).squeeze(1) - total.log()
+        return SamplerOutput(tokens, logprobs)
+
+    def _fused_plain(self, logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> SamplerOutput:
+        """`_plain` as one kernel launch: no filters, so the kernel's thresholds are all off."""
+        off = torch.zeros(batch.rows, dtype=torch.int32, device=logits.device)
+        tokens, logprobs = self.fused(logits, batch.temperature, batch.greedy, off, torch.ones_like(u),
+                                      torch.zeros_like(u), u)
         return SamplerOutput(tokens, logprobs)
 
     @staticmethod

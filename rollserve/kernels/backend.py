@@ -1,4 +1,7 @@
-"""Which implementation of the attention ops the engine runs: the torch references, the CPU extension or Triton.
+"""Which implementation of the attention ops (and of the plain sampling step) the engine runs.
+
+Attention: the torch references, the CPU extension or Triton. Sampling: the torch sampler or, for plain
+batches on a GPU, the fused Triton kernel (`choose_sampling_backend`).
 
 `auto` takes Triton when the model is on a CUDA device, triton is installed and the block size suits the
 kernels; on the CPU it takes "cpu" where the C++ extension is built (`cpu_ext`: its decode attention, the
@@ -75,3 +78,30 @@ def attention_ops(backend: str) -> AttentionOps:
 
     decode = cpu_ext.decode_or_reference if backend == "cpu" else decode_attention.paged_decode_attention
     return AttentionOps(kv_write.write_kv, decode, prefill_attention.paged_prefill_attention)
+
+
+def choose_sampling_backend(requested: str, device: torch.device | str) -> str:
+    """"torch" or "triton" for `EngineConfig.sampling_backend=requested` with the logits on `device`.
+
+    `auto` takes the fused Triton kernel on a CUDA device with triton installed. A forced "triton" that
+    cannot run raises ValueError saying why (on the CPU it runs only under `TRITON_INTERPRET=1`).
+    """
+    device = torch.device(device)
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    if requested == "triton":
+        if not triton_installed():
+            raise ValueError("sampling_backend='triton' needs the triton package: pip install 'rollserve[triton]'")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(f"sampling_backend='triton' needs the model on a CUDA device (it is on {device}); "
+                             f"on the CPU the kernel runs only under TRITON_INTERPRET=1, for tests")
+    return requested
+
+
+def sampling_kernel(backend: str) -> Callable | None:
+    """The fused `sample` of `kernels.sampling`'s contract for the "triton" backend; None for "torch"."""
+    if backend == "triton":
+        from . import triton_sampling
+
+        return triton_sampling.sample
+    return None

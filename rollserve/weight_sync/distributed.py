@@ -1,5 +1,9 @@
 """Weights across hosts: packed buckets broadcast in a dedicated `torch.distributed` group.
 
+The group's backend follows where the buckets are: gloo for host memory, NCCL for CUDA tensors
+(`weight_sync_group(..., device="cuda")`, with `device="cuda"` on the sender and the receivers), so
+GPU weights go from GPU to GPU without staging through host memory.
+
 Per bucket, the source rank broadcasts two int64 sizes, then one uint8 buffer
 holding a header (a `GroupHeader`: bucket entries, commit, abort or close)
 followed by the packed tensors. Every other rank is an engine: it receives each bucket into a buffer
@@ -43,22 +47,38 @@ def check_group_args(init_method: str, rank: int, world_size: int, timeout_s: fl
     check_positive("timeout_s", timeout_s)
 
 
+def group_backend(device) -> str:
+    """The torch.distributed backend that moves buckets held on `device`: "nccl" for CUDA, else "gloo"."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def weight_sync_group(init_method: str, rank: int, world_size: int, timeout_s: float = 1800.0,
-                      connect_timeout_s: float | None = None):
-    """A gloo group of its own (rank 0 hosts the rendezvous), independent of any default process group.
+                      connect_timeout_s: float | None = None, device="cpu"):
+    """A group of its own (rank 0 hosts the rendezvous), independent of any default process group.
 
     `init_method` is `tcp://host:port` reachable by every rank. `timeout_s` bounds every collective,
     so a dead peer is reported within it; a receiver idle longer than it between syncs times out too.
-    `connect_timeout_s` (default `timeout_s`) bounds the wait for every rank to join.
+    `connect_timeout_s` (default `timeout_s`) bounds the wait for every rank to join. `device` is where
+    this rank's buckets are (`group_backend`): gloo for the CPU, NCCL for a CUDA device, one GPU per
+    rank (NCCL refuses two ranks on one GPU: colocated processes use the shared-memory transport). With
+    NCCL a timed-out collective is fatal to the process (NCCL's watchdog), not an exception: give a
+    receiver that may wait long between syncs a `timeout_s` longer than that wait.
     """
     check_group_args(init_method, rank, world_size, timeout_s)
     if connect_timeout_s is not None:
         check_positive("connect_timeout_s", connect_timeout_s)
+    backend = group_backend(device)
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ValueError(f"device={device!r} needs NCCL, which this torch build lacks")
     url = urlparse(init_method)
-    store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0,
-                          timeout=timedelta(seconds=connect_timeout_s or timeout_s))
-    return dist.ProcessGroupGloo(dist.PrefixStore("rollserve-weights", store), rank, world_size,
-                                 timedelta(seconds=timeout_s))
+    store = dist.PrefixStore("rollserve-weights", dist.TCPStore(
+        url.hostname, url.port, world_size, is_master=rank == 0,
+        timeout=timedelta(seconds=connect_timeout_s or timeout_s)))
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timedelta(seconds=timeout_s)
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
 
 
 class _GroupMember:
@@ -69,6 +89,9 @@ class _GroupMember:
         if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < group.size():
             raise ValueError(f"src must be a rank of the group, in [0, {group.size()}), got {src!r}")
         self.group, self.src, self.device = group, src, torch.device(device)
+        if type(group).__name__ == "ProcessGroupNCCL" and self.device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device for an NCCL group (NCCL moves GPU memory only), "
+                             f"got {device!r}")
         self._broken: str | None = None
 
     def _collective(self, work_fn):
@@ -116,8 +139,8 @@ def _status_bytes(record: Reply | Refused) -> bytes:
 class DistributedSender(_GroupMember):
     """Source side: `send(named_tensors, version=None, require_all=False) -> int` to every other rank.
 
-    `group` is a ProcessGroup whose rank `src` is this process (`weight_sync_group(...)`, or a
-    `dist.new_group` of NCCL ranks with `device="cuda"`: not tested here). Raises the engine's
+    `group` is a ProcessGroup whose rank `src` is this process (`weight_sync_group(...)`, with
+    `device="cuda"` for NCCL, or a `dist.new_group`); `device` is where the buckets are packed. Raises the engine's
     `WeightUpdateError` if it refuses the update (its weights are then untouched; with several
     engines, the message says how many applied it), `RuntimeError` if a peer dies or times out
     (the group is then unusable). Returns the new version reported by the first engine.

@@ -14,6 +14,20 @@ from .wire import BucketEntry, Failure, MessageCodec
 
 
 # -- shared memory: sender -> receiver ---------------------------------------------------------
+class CudaIpcHandle(msgspec.Struct, kw_only=True):
+    """A bucket in the sender's GPU memory (`cuda_ipc.py`): torch.multiprocessing's reduction of it."""
+
+    device: int
+    handle: bytes
+    storage_size: int  # bytes of the allocation the handle opens
+    storage_offset: int  # of the storage within it
+    tensor_offset: int  # of the bucket within the storage
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+
+
 class ShmRequest(msgspec.Struct, tag_field="op", kw_only=True):
     pid: int  # the sender's: its segments are named after it, and reaped once it is gone
     api_key: str | None = None
@@ -29,6 +43,7 @@ class ShmBucket(ShmRequest, tag="bucket"):
     segment: str
     size: int
     tensors: list[BucketEntry]
+    cuda: CudaIpcHandle | None = None  # the bucket is in the sender's GPU memory, not in /dev/shm `segment`
 
 
 class ShmEvict(ShmRequest, tag="evict"):
@@ -79,6 +94,8 @@ class Reply(msgspec.Struct, tag_field="reply", kw_only=True):
 
 class Welcome(Reply, tag="welcome"):
     prefix: str  # names the receiver's segments
+    pid: int = 0  # the receiver's process, and whether it can open CUDA IPC handles (cuda_ipc.py)
+    cuda: bool = False
 
 
 class Ack(Reply, tag="ack"):

@@ -9,8 +9,12 @@ message, then hands the whole update to `target.update_weights` at once: the
 update is validated before anything is applied, and a refused update is sent
 back to the sender as the same exception (`Refused`, the one error codec of `wire.py`).
 
+CUDA tensors travel without host memory: a bucket whose tensors are all on one CUDA device is packed
+in the sender's GPU memory and the message carries its CUDA IPC handle (`cuda_ipc.py`); the receiver
+reads the tensors in place and `update_weights` copies them into the engine's parameters.
+
 Atomicity costs memory: by default the pool grows to hold the whole update
-(one copy of the model in /dev/shm, reused every sync). With
+(one copy of the model in /dev/shm, or in GPU memory for CUDA tensors, reused every sync). With
 `max_buffer_bytes` the pool is capped; once it is full the sender reuses its
 oldest segment and first asks the receiver to copy the tensors it still
 holds there into its own memory (so the engine process holds that part of
@@ -27,6 +31,7 @@ import weakref
 import torch
 import zmq
 
+from .cuda_ipc import cuda_ipc_device, open_handle, share
 from .messages import (REPLIES, SHM_REQUESTS, Ack, Applied, Refused, ShmAbort, ShmBucket, ShmCommit, ShmEvict,
                        ShmHello, ShmRequest, Welcome)
 from .wire import (DEFAULT_BUCKET_BYTES, PROTOCOL, bucket_entries, check_positive, check_update_args, failure,
@@ -71,6 +76,8 @@ def remove_stale_segments(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
 
 
 class _Segment:
+    device = None  # a file in shared memory
+
     def __init__(self, path: str, size: int):
         self.path, self.name, self.size = path, os.path.basename(path), size
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -83,6 +90,16 @@ class _Segment:
                                    f"bucket_bytes / max_buffer_bytes or enlarge {os.path.dirname(path)}") from None
         os.close(fd)
         self.buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)  # [size]
+
+
+class _CudaSegment:
+    """A bucket buffer in GPU memory, shared by IPC handle; named like a file segment, with no file."""
+
+    path = None
+
+    def __init__(self, name: str, size: int, device: torch.device):
+        self.name, self.size, self.device = name, size, device
+        self.buffer = torch.empty(size, dtype=torch.uint8, device=device)  # [size]
 
 
 class SharedMemorySender:
@@ -114,6 +131,7 @@ class SharedMemorySender:
         self._context = zmq.Context()
         self._socket = None
         self._prefix: str | None = None
+        self._peer = (0, False)  # the receiver's pid and whether it opens CUDA IPC handles
         self._pool: list[_Segment] = []
         self._paths: list[str] = []  # shared with the finalizer: what to unlink at exit
         self._syncs, self._names, self._token = itertools.count(), itertools.count(), secrets.token_hex(4)
@@ -129,7 +147,8 @@ class SharedMemorySender:
             sock.connect(self.address)
             self._socket = sock
             try:
-                self._prefix = self._call(ShmHello, protocol=PROTOCOL).prefix
+                welcome = self._call(ShmHello, protocol=PROTOCOL)
+                self._prefix, self._peer = welcome.prefix, (welcome.pid, welcome.cuda)
             except BaseException:
                 self._drop_socket()
                 raise
@@ -159,30 +178,46 @@ class SharedMemorySender:
         return reply
 
     # -- segments -----------------------------------------------------------
-    def _new_segment(self, size: int) -> _Segment:
+    def _new_segment(self, size: int, device: torch.device | None) -> "_Segment | _CudaSegment":
+        """A file segment in `shm_dir`, or with a CUDA `device` a GPU buffer shared by IPC handle."""
         name = f"{self._prefix}-{os.getpid()}-{self._token}-{next(self._names)}"
+        if device is not None:
+            return _CudaSegment(name, size, device)
         segment = _Segment(os.path.join(self.shm_dir, name), size)
         self._paths.append(segment.path)
         return segment
 
-    def _drop_segment(self, segment: _Segment) -> None:
-        _unlink(segment.path)
-        self._paths.remove(segment.path)
+    def _drop_segment(self, segment) -> None:
+        if segment.path is not None:
+            _unlink(segment.path)
+            self._paths.remove(segment.path)
 
-    def _slot(self, k: int, size: int, sync: int) -> _Segment:
-        """The segment for bucket `k` of a sync: reused, grown, added, or (pool full) recycled."""
+    def _slot(self, k: int, size: int, sync: int, device: torch.device | None):
+        """The segment for bucket `k` of a sync (on `device`, None: a file): reused, grown, added, or (pool
+        full) recycled."""
         pooled = sum(s.size for s in self._pool)
         if k >= len(self._pool) and (self.max_buffer_bytes is None or pooled + size <= self.max_buffer_bytes
                                      or not self._pool):
-            self._pool.append(self._new_segment(max(size, self.bucket_bytes)))
+            self._pool.append(self._new_segment(max(size, self.bucket_bytes), device))
             return self._pool[-1]
         i = k % len(self._pool)
         if k >= len(self._pool):  # still holds tensors of this sync: the receiver must copy them out first
             self._call(ShmEvict, sync=sync, segment=self._pool[i].name)
-        if self._pool[i].size < size:
+        if self._pool[i].size < size or self._pool[i].device != device:
             self._drop_segment(self._pool[i])
-            self._pool[i] = self._new_segment(max(size, self.bucket_bytes))
+            self._pool[i] = self._new_segment(max(size, self.bucket_bytes), device)
         return self._pool[i]
+
+    def _post_bucket(self, k: int, sync: int, batch, used: int) -> None:
+        device = cuda_ipc_device({t.device for _, t, _ in batch}, *self._peer)
+        segment = self._slot(k, used, sync, device)
+        write_bucket(segment.buffer, batch)
+        handle = None
+        if device is not None:
+            torch.cuda.current_stream(device).synchronize()  # the receiver reads the bucket on its own streams
+            handle = share(segment.buffer)
+        self._call(ShmBucket, sync=sync, index=k, segment=segment.name, size=segment.size,
+                   tensors=bucket_entries(batch), cuda=handle)
 
     # -- public -------------------------------------------------------------
     def send(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
@@ -199,10 +234,7 @@ class SharedMemorySender:
         sync, buckets = next(self._syncs), 0
         try:
             for k, (batch, used) in enumerate(plan_buckets(named_tensors, self.bucket_bytes)):
-                segment = self._slot(k, used, sync)
-                write_bucket(segment.buffer, batch)
-                self._call(ShmBucket, sync=sync, index=k, segment=segment.name, size=segment.size,
-                           tensors=bucket_entries(batch))
+                self._post_bucket(k, sync, batch, used)
                 buckets = k + 1
             reply = self._call(ShmCommit, sync=sync, buckets=buckets, version=version, require_all=require_all,
                                segments=[s.name for s in self._pool])
@@ -319,7 +351,7 @@ class SharedMemoryReceiver:
     def _on_hello(self, message: ShmHello) -> Welcome:
         if message.protocol != PROTOCOL:
             raise ValueError(f"sender speaks weight-sync protocol {message.protocol!r}, this engine {PROTOCOL}")
-        return Welcome(prefix=self.prefix)
+        return Welcome(prefix=self.prefix, pid=os.getpid(), cuda=torch.cuda.is_available())
 
     def _on_bucket(self, message: ShmBucket) -> Ack:
         key = (message.pid, message.sync)
@@ -328,16 +360,21 @@ class SharedMemoryReceiver:
             if message.index != 0:
                 raise ValueError(f"bucket {message.index!r} of an update whose start this engine did not see")
             self._sync = key
-        buffer = self._map(message.segment, message.size, message.pid)
+        if message.cuda is not None:
+            self._check_name(message.segment, message.pid)
+            buffer = open_handle(message.cuda, message.size)  # not kept: the sender's memory, until the commit
+        else:
+            buffer = self._map(message.segment, message.size, message.pid)
         self._pending += [[name, view, message.segment] for name, view in read_bucket(buffer, message.tensors)]
         self._received += 1
         return Ack()
 
     def _on_evict(self, message: ShmEvict) -> Ack:
         if self._sync == (message.pid, message.sync):
-            for entry in self._pending:
-                if entry[2] == message.segment:
-                    entry[1], entry[2] = entry[1].clone(), None
+            copied = [entry for entry in self._pending if entry[2] == message.segment]
+            for entry in copied:
+                entry[1], entry[2] = entry[1].clone(), None
+            _settle([entry[1] for entry in copied])
         return Ack()
 
     def _on_abort(self, message: ShmAbort) -> Ack:
@@ -356,6 +393,7 @@ class SharedMemoryReceiver:
         try:
             version = self.target.update_weights(named, version=message.version, require_all=message.require_all)
         finally:
+            _settle([tensor for _, tensor in named])
             del named
             self._drop_pending()
             self._forget(lambda name, pid: pid == message.pid and name not in message.segments)
@@ -365,9 +403,12 @@ class SharedMemoryReceiver:
                  ShmCommit: _on_commit}
 
     # -- segments -----------------------------------------------------------
-    def _map(self, name: str, size: int, pid: int) -> torch.Tensor:
+    def _check_name(self, name: str, pid: int) -> None:
         if not (_SAFE_NAME.fullmatch(name) and name.startswith(self.prefix + "-") and _owner_pid(name) == pid):
             raise ValueError(f"segment name {name!r:.120} is not one of this engine's ({self.prefix}-{pid}-...)")
+
+    def _map(self, name: str, size: int, pid: int) -> torch.Tensor:
+        self._check_name(name, pid)
         if size <= 0:
             raise ValueError(f"segment size must be a positive int, got {size!r}")
         cached = self._segments.get(name)
@@ -406,6 +447,13 @@ class SharedMemoryReceiver:
         in_use = {entry[2] for entry in self._pending}
         self._forget(lambda name, pid: name not in in_use and (
             not _pid_alive(pid) or not os.path.exists(os.path.join(self.shm_dir, name))))
+
+
+def _settle(tensors) -> None:
+    """Waits for the GPU work reading these tensors (copies out of CUDA IPC buckets, queued asynchronously,
+    maybe on another thread's stream): once the reply is sent the sender overwrites the buckets."""
+    for device in {t.device for t in tensors if t.is_cuda}:
+        torch.cuda.synchronize(device)
 
 
 def _cleanup(paths: list[str], context) -> None:

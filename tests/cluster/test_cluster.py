@@ -214,6 +214,15 @@ def test_a_replica_killed_mid_generate_loses_nothing_and_comes_back_at_the_clust
     assert_same(cluster.generate(prompts[:4], params[:4]), want[:4])
 
 
+def test_wait_ready_counts_a_replica_that_died_while_idle_once_it_is_back(cluster):
+    cluster.wait_ready(timeout=120)
+    before = cluster.stats()[0]  # replica 0: replica 1 is killed by three other tests, and max_restarts is 3
+    killed = kill(cluster, 0)  # no call in flight: the driver has not seen it die
+    cluster.wait_ready(timeout=120)
+    after = cluster.stats()[0]
+    assert after.alive and after.pid != killed and after.restarts == before.restarts + 1
+
+
 def test_a_replica_that_restarted_while_idle_gets_the_next_update_when_it_returns(cluster, tiny_model):
     cluster.wait_ready(timeout=120)
     restart_unnoticed(cluster, 1)
