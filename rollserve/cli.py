@@ -127,7 +127,33 @@ def _add_generate(subparsers) -> None:
     s.add_argument("--ignore-eos", action="store_true", help="go on after the end-of-sequence token")
     s.add_argument("--logprobs", type=int, default=None, help="0: store each sampled token's logprob")
     add_engine_arguments(p.add_argument_group("engine (see rollserve.EngineConfig)"))
+    _add_replica_arguments(p)
     p.set_defaults(run=_run_generate)
+
+
+def _add_replica_arguments(p) -> None:
+    r = p.add_argument_group("scale-out on Ray (see rollserve.cluster.RolloutCluster, docs/cluster.md)",
+                             "with --replicas the prompts are spread over engine replicas, each a Ray actor with "
+                             "the engine options above; same rows, shards and resume as one engine (a dataset "
+                             "may be resumed with another --replicas or without)")
+    r.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="engine replicas on Ray: joins the cluster of `ray start` (or RAY_ADDRESS), else "
+                        "starts a local one (default: one engine in this process, no Ray)")
+    r.add_argument("--replica-cpus", type=int, default=1, metavar="N", help="CPUs per replica (its torch threads)")
+    r.add_argument("--replica-gpus", type=float, default=0, metavar="N", help="GPUs per replica")
+
+
+def _engine(args):
+    """One `LLM` in this process, or with `--replicas` a `RolloutCluster` of that many."""
+    engine_args = dataclasses.asdict(engine_args_from(args))
+    if args.replicas is None:
+        from . import LLM
+
+        return LLM(args.model, **engine_args)
+    from .cluster import RolloutCluster  # ImportError naming the extra when Ray is not installed
+
+    resources = {"num_cpus": args.replica_cpus, **({"num_gpus": args.replica_gpus} if args.replica_gpus else {})}
+    return RolloutCluster(args.model, args.replicas, resources, **engine_args)
 
 
 def _sampling_params(args) -> SamplingParams:
@@ -145,12 +171,14 @@ def _run_generate(args) -> int:
             raise ValueError(f"--max-turns {args.max_turns} is invalid: must be >= 1")
     except (ValueError, TypeError) as e:
         return _fail(args, f"error: {e}", 2)
-    from . import LLM
     from .dataset import RewardError, generate_dataset, read_prompts
 
     try:
         if args.env and args.reward:
             raise ValueError("--reward cannot be combined with --env: an episode's rewards are its environment's")
+        if args.env and args.replicas is not None:
+            raise ValueError("--replicas cannot be combined with --env: episodes keep their KV on one engine "
+                             "between turns, and the cluster does not run them")
         reward_fn = load_callable(args.reward) if args.reward else None
         env_factory = load_env_factory(args.env) if args.env else None
         prompts = read_prompts(args.prompts, args.prompt_field)
@@ -159,8 +187,8 @@ def _run_generate(args) -> int:
                   f"{len(done.prompt_indices)} prompts); nothing to do, the model was not loaded "
                   f"(--overwrite generates it again)")
             return 0
-        llm = LLM(args.model, **dataclasses.asdict(engine_args_from(args)))
-    except (ValueError, TypeError, OSError) as e:
+        llm = _engine(args)
+    except (ValueError, TypeError, OSError, ImportError) as e:
         return _fail(args, f"error: {e}", 2)
     try:
         summary = generate_dataset(
@@ -174,7 +202,14 @@ def _run_generate(args) -> int:
         return _fail(args, f"error: {e}", 2)
     except KeyboardInterrupt:
         return _fail(args, f"interrupted; finished prompts are kept in {args.out}; rerun the same command to resume", 130)
+    finally:
+        if args.replicas is not None:
+            llm.shutdown()
     print(summary)
+    if args.replicas is not None:
+        import ray
+
+        print(f"  engines: {args.replicas} replicas on the Ray cluster at {ray.get_runtime_context().gcs_address}")
     return 0
 
 

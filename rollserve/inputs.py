@@ -93,9 +93,13 @@ class InputProcessor:
                     ids[i] = list(token_ids)
         return ids
 
+    def problem(self, prompt: Prompt, params) -> str | None:
+        """Why the engine cannot run this prompt with these params, or None when it can."""
+        return self._check(prompt.token_ids, params)
+
     def check(self, prompt: Prompt, params, where: str) -> None:
         """Raises `ValueError` naming `where` when the engine cannot run this prompt with these params."""
-        problem = self._check(prompt.token_ids, params)
+        problem = self.problem(prompt, params)
         if problem:
             raise ValueError(f"{where}: {problem}")
 

@@ -12,8 +12,10 @@ would shadow tests/conftest.py, which other test modules import by name).
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,24 @@ def run_cli():
                               timeout=timeout)
 
     return run
+
+
+def kill_after_first_shard(cmd, out, timeout: float = 120) -> int:
+    """Runs `cmd` and SIGKILLs it as soon as `out` holds a shard; returns its exit code."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (out.is_dir() and any(out.glob("train-*"))):
+            assert proc.poll() is None, f"the run ended before its first shard:\n{proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "no shard appeared in time"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def cli_command(*args) -> list[str]:

@@ -1,24 +1,21 @@
 """`RolloutCluster`: engine replicas as Ray actors behind one `LLM`-like driver."""
 
 import itertools
-import queue
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 
 from ..config import EngineConfig
-from ..inputs import InputProcessor, Prompt, as_prompt_list, is_conversation
+from ..inputs import InputProcessor, as_prompt_list, is_conversation
 from ..llm import sampling_params_list
-from ..outputs import BeamSearchOutput, RequestOutput
+from ..outputs import BeamSearchOutput, RequestOutput, StepOutput
 from ..sampling_params import BeamSearchParams, SamplingParams
 from ..weight_sync.wire import DEFAULT_BUCKET_BYTES
-from .replica import ReplicaBehind
-from .replicas import STRATEGIES, ClusterError, Replicas, Slot, bundle
+from .dispatch import Dispatcher, Job, job
+from .replicas import STRATEGIES, ClusterError, Replicas, bundle
 from .router import Router
-from .weights import ClusterWeights
+from .weights import TRANSPORTS, ClusterWeights
 
 
 @dataclass
@@ -32,20 +29,6 @@ class ReplicaStats:
     outstanding_tokens: int  # routed and not yet finished: prompt tokens + n * max_tokens per request
     requests: int  # routed to it so far
     metrics: dict | None
-
-
-@dataclass
-class _Job:
-    index: int  # the prompt's position in the call
-    request_id: str
-    prompt: Prompt
-    params: SamplingParams | BeamSearchParams
-    cost: int
-
-
-def _cost(prompt: Prompt, params) -> int:
-    width = params.beam_width if isinstance(params, BeamSearchParams) else params.n
-    return len(prompt.token_ids) + width * params.max_tokens
 
 
 class RolloutCluster:
@@ -65,33 +48,45 @@ class RolloutCluster:
     restarts it (`max_restarts`), and it gets the cluster's weights before it serves again.
     With no replica alive for `replica_timeout` seconds, a call raises `ClusterError` (as does a
     start that takes over `start_timeout`: placing the replicas and loading their models).
+
+    `weight_transport`: how `update_weights` moves the tensors to the replicas. `"ray"`: through
+    Ray's object store, one put per bucket of `bucket_bytes`. `"distributed"`: broadcast in a
+    `torch.distributed` gloo group, this process rank 0 and each live replica a rank (built at the
+    first update, again when its members change). Either way an update is all or none, and the
+    committed weights stay in the object store, from which a replica that comes back is brought up to date.
     """
 
     def __init__(self, model, num_replicas: int = 2, replica_resources: dict | None = None,
                  placement_strategy: str = "PACK", *, tokenizer=None, max_restarts: int = 3,
                  replica_timeout: float = 300.0, start_timeout: float = 600.0, prefix_blocks: int = 1,
-                 load_factor: float = 1.25, bucket_bytes: int = DEFAULT_BUCKET_BYTES, **engine_args):
+                 load_factor: float = 1.25, bucket_bytes: int = DEFAULT_BUCKET_BYTES, weight_transport: str = "ray",
+                 **engine_args):
         if not isinstance(num_replicas, int) or isinstance(num_replicas, bool) or num_replicas < 1:
             raise ValueError(f"num_replicas={num_replicas!r} is invalid: must be an int >= 1")
         if placement_strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy={placement_strategy!r} is invalid: must be one of {STRATEGIES}")
+        if weight_transport not in TRANSPORTS:
+            raise ValueError(f"weight_transport={weight_transport!r} is invalid: must be one of {TRANSPORTS}")
         resources = {"num_cpus": 1} if replica_resources is None else dict(replica_resources)
         bundle(resources)  # bad resources and engine arguments fail here, before any actor starts
-        config = EngineConfig(**engine_args)
-        self.router = Router(num_replicas, config.block_size, prefix_blocks, load_factor)
+        self._config = EngineConfig(**engine_args)
+        self.router = Router(num_replicas, self._config.block_size, prefix_blocks, load_factor)
         self.replicas = Replicas(model, num_replicas, resources, placement_strategy, tokenizer, engine_args,
                                  max_restarts, replica_timeout, start_timeout)
-        self.weights = ClusterWeights(self.replicas, bucket_bytes)
+        self.weights = ClusterWeights(self.replicas, bucket_bytes, weight_transport)
         self.replicas.sync = self.weights.sync
         self._request_ids = itertools.count()
         self._sleeping = False
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rollserve-cluster")
         try:
-            self.tokenizer = self.replicas.get(self.replicas.slots[0].actor.tokenizer.remote())
+            first = self.replicas.slots[0].actor
+            self.tokenizer, (self.model_name, self.dtype) = self.replicas.get(
+                [first.tokenizer.remote(), first.model_info.remote()])
         except BaseException:
             self.shutdown()
             raise
-        self.inputs = InputProcessor(self.tokenizer, None)  # encodes only; replicas check
+        self.inputs = InputProcessor(self.tokenizer, self._problem)
+        self._steps = Dispatcher(self.replicas, self.router, self.weights, self._request_ids)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Waits until every replica is alive and at the cluster's weights; `ClusterError` after `timeout` s
@@ -127,7 +122,7 @@ class RolloutCluster:
     def _run_all(self, prompts: list, params: list, use_tqdm: bool, chat_template_kwargs) -> list:
         encoded = [self.inputs.encode(p, f"prompts[{i}]", chat_template_kwargs) for i, p in enumerate(prompts)]
         self._check([(f"prompts[{i}]", e, p) for i, (e, p) in enumerate(zip(encoded, params))])
-        jobs = [_Job(i, "", e, p, _cost(e, p)) for i, (e, p) in enumerate(zip(encoded, params))]
+        jobs = [job(i, e, p) for i, (e, p) in enumerate(zip(encoded, params))]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -141,65 +136,89 @@ class RolloutCluster:
 
     def _check(self, items: list) -> None:
         """Every prompt checked by a replica's engine before any is queued (a bad one raises, nothing runs)."""
+        self._ask_one("check", items)
+
+    def _ask_one(self, method: str, *args):
+        """`method(*args)` on one live replica (on another if that one died meanwhile)."""
         while True:
             slot = self.replicas.live()[0]
             try:
-                return self.replicas.get(slot.actor.check.remote(items))
+                return self.replicas.get(getattr(slot.actor, method).remote(*args))
             except RayActorError:
                 self.replicas.down(slot)
 
-    def _execute(self, jobs: list[_Job], bar) -> list:
+    def _execute(self, jobs: list[Job], bar) -> list:
+        dispatcher = Dispatcher(self.replicas, self.router, self.weights, self._request_ids)
+        for j in jobs:
+            dispatcher.add(j)
         results: dict[int, object] = {}
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-        pending, running = jobs, 0
-        while pending or running:
-            if pending:
-                running += self._dispatch(pending, results, finished, bar)
-                pending = []
-            slot, left, error = finished.get()
-            running -= 1
-            if error is None:
-                continue
-            if isinstance(error, (RayActorError, ReplicaBehind)):
-                self.replicas.down(slot)
-                pending = left
-            else:
-                raise error
-        return [results[job.index] for job in jobs]
-
-    def _dispatch(self, jobs: list[_Job], results: dict, finished: queue.SimpleQueue, bar) -> int:
-        """Routes `jobs` over the live replicas and starts a batch on each; returns how many batches started."""
-        live = self.replicas.live()
-        batches: dict[int, list[_Job]] = {}
-        with self.replicas.lock:
-            alive = {s.index for s in live}
-            for job in jobs:
-                replica = self.router.choose(job.prompt.token_ids, job.cost, alive)
-                batches.setdefault(replica, []).append(replace(job, request_id=str(next(self._request_ids))))
-                self.replicas.slots[replica].requests += 1
-        for replica, batch in batches.items():
-            threading.Thread(target=self._drain, args=(self.replicas.slots[replica], batch, results, finished, bar),
-                             name="rollserve-cluster-batch", daemon=True).start()
-        return len(batches)
-
-    def _drain(self, slot: Slot, batch: list[_Job], results: dict, finished: queue.SimpleQueue, bar) -> None:
-        left = {job.request_id: job for job in batch}
-        try:
-            requests = [(job.request_id, job.prompt, job.params) for job in batch]
-            for ref in slot.actor.run.remote(requests, self.weights.version):
-                out = ray.get(ref)
-                job = left.pop(out.request_id)
-                results[job.index] = out
-                with self.replicas.lock:
-                    self.router.done(slot.index, job.cost)
+        while dispatcher.num_unfinished:
+            for j, out in dispatcher.step():
+                results[j.key] = out
                 if bar is not None:
                     bar.update(1)
-            finished.put((slot, [], None))
-        except BaseException as e:
-            with self.replicas.lock:
-                for job in left.values():
-                    self.router.done(slot.index, job.cost)
-            finished.put((slot, list(left.values()), e.cause if isinstance(e, RayTaskError) else e))
+        return [results[j.key] for j in jobs]
+
+    # -- the step API ---------------------------------------------------------
+    @property
+    def config(self) -> EngineConfig:
+        """Every replica's engine configuration."""
+        return self._config
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replicas.slots)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def add_request(self, prompt, params: SamplingParams | BeamSearchParams | None = None,
+                    request_id: str | None = None, *, chat_template_kwargs: dict | None = None) -> str:
+        """`LLM.add_request` for the cluster: queues one request (checked by a replica now) for `step()`.
+
+        Not streamed and not parked (`stream` and `park` are `LLM`'s only); a request's samples run on
+        one replica, routed when `step()` sends it.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise TypeError(f"params must be a SamplingParams or BeamSearchParams, got {type(params).__name__}")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise TypeError(f"request_id must be a non-empty str or None, got {request_id!r}")
+        if request_id in self._steps.keys():
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        encoded = self.inputs.process(prompt, params, "prompt", chat_template_kwargs)
+        rid = f"cluster-{next(self._request_ids)}" if request_id is None else request_id
+        self._steps.add(job(rid, encoded, params))
+        return rid
+
+    def step(self) -> list[StepOutput]:
+        """Sends the requests added since the last call to the replicas, waits until one finishes (when any
+        is in flight) and returns a finished `StepOutput` per request that finished meanwhile.
+
+        Requests a dead replica left unfinished run again on the others; with none alive for
+        `replica_timeout` s, `ClusterError`. Drive it from one thread.
+        """
+        finished = []
+        for j, out in self._steps.step():
+            out = replace(out, request_id=j.key)
+            finished.append(StepOutput(j.key, [], True, out, getattr(out, "weight_version", self.weight_version)))
+        return finished
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request added with `add_request` (a no-op when it is not in flight). Unlike
+        `LLM.abort`, its partial output is not returned."""
+        self._steps.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self._steps.num_unfinished > 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._steps.num_unfinished
+
+    def _problem(self, token_ids: list[int], params) -> str | None:
+        """Why a replica's engine cannot run this prompt (`InputProcessor`'s check, one call to a replica)."""
+        return self._ask_one("problem", token_ids, params)
 
     # -- weights --------------------------------------------------------------
     @property
@@ -283,6 +302,8 @@ class RolloutCluster:
     def shutdown(self) -> None:
         """Stops the replicas and frees their placement group (the Ray cluster itself stays up)."""
         self.replicas.shutdown()
+        if self.weights.group is not None:
+            self.weights.group.close()
         self._executor.shutdown(wait=False)
 
     def __enter__(self):

@@ -18,12 +18,14 @@ import warnings
 import numpy as np
 import torch
 
+from ..inputs import Prompt
 from ..llm import LLM
+from ..weight_sync.distributed import DistributedReceiver, weight_sync_group
 from ..weight_sync.updater import normalize_name
 from ..weight_sync.wire import read_bucket
 
 
-def _read(buckets, names: set[str] | None = None):
+def read_buckets(buckets, names: set[str] | None = None):
     """`(name, tensor view)` of every bucket, in order (with `names`, only those, by normalised name)."""
     for entries, array in buckets:
         with warnings.catch_warnings():  # the object store's buffer is read-only; the engine only reads it
@@ -38,6 +40,24 @@ class ReplicaBehind(RuntimeError):
     """The replica's weight version is not the cluster's (it restarted); the cluster syncs it and retries."""
 
 
+class _GroupStager:
+    """The target of a replica's `DistributedReceiver`: it stages what the group sent instead of applying it,
+    so the status the receiver reports means "staged" (or the refusal); the commit comes by a Ray call."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.expected_version = 0
+        self.token: int | None = None
+
+    def update_weights(self, named_tensors, version: int | None = None, require_all: bool = False) -> int:
+        self.token = None
+        if self.llm.weight_version != self.expected_version:  # refused inside the collective: every rank stays in step
+            raise ReplicaBehind(f"replica at weight version {self.llm.weight_version}, the cluster at "
+                                f"{self.expected_version}")
+        self.token = self.llm.stage_weights(named_tensors, version, require_all)
+        return version
+
+
 class Replica:
     def __init__(self, model, tokenizer, engine_args: dict, num_threads: int | None):
         if num_threads is not None:
@@ -47,6 +67,7 @@ class Replica:
         self._waiting: dict[str, queue.SimpleQueue] = {}  # request id -> where its output goes
         self._lock = threading.Lock()  # adding requests vs the loop deciding there is nothing to run
         self._work = threading.Event()
+        self._receiver: DistributedReceiver | None = None  # in the cluster's broadcast group, once it joined one
         threading.Thread(target=self._loop, name="rollserve-replica-loop", daemon=True).start()
 
     def identity(self) -> tuple[str, int, int]:
@@ -55,6 +76,11 @@ class Replica:
 
     def tokenizer(self):
         return self.llm.tokenizer
+
+    def model_info(self) -> tuple[str, torch.dtype]:
+        """The model's name (its `_name_or_path`, else its class) and its weights' dtype."""
+        model = self.llm.model
+        return getattr(model.config, "_name_or_path", "") or type(model).__name__, model.dtype
 
     def _expect(self, version: int, exact: bool) -> None:
         behind = self.llm.weight_version != version if exact else self.llm.weight_version < version
@@ -66,6 +92,17 @@ class Replica:
         """Raises the engine's `ValueError` for the first `(where, Prompt, params)` it cannot run."""
         for where, prompt, params in items:
             self.llm.inputs.check(prompt, params, where)
+
+    def problem(self, token_ids: list[int], params) -> str | None:
+        """The engine's reason it cannot run this prompt, or None."""
+        return self.llm.inputs.problem(Prompt(token_ids), params)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request of a running batch; `run` yields its output (finish_reason "abort") at once."""
+        with self._lock:
+            out = self.llm.abort(request_id)
+            if out is not None:
+                self._waiting.pop(request_id).put(out.output)
 
     def run(self, requests: list, expected_version: int):
         """Runs `(request_id, Prompt, params)` requests; yields each final output as its request finishes."""
@@ -109,8 +146,21 @@ class Replica:
 
         self._expect(expected_version, exact=True)
         values = ray.get([ref for ref, _ in buckets])
-        named = (item for value, (_, names) in zip(values, buckets) for item in _read([value], names))
+        named = (item for value, (_, names) in zip(values, buckets) for item in read_buckets([value], names))
         return self._incarnation, self.llm.stage_weights(named, version, require_all)
+
+    def join_weight_group(self, init_method: str, rank: int, world_size: int, timeout_s: float) -> None:
+        """Becomes `rank` of the cluster's new broadcast group (weight_transport="distributed"), leaving the last."""
+        group = weight_sync_group(init_method, rank, world_size, timeout_s)
+        self._receiver = DistributedReceiver(_GroupStager(self.llm), group)
+
+    def stage_from_group(self, expected_version: int) -> tuple[str, int]:
+        """Receives one update broadcast in the group and stages it; returns `(incarnation, token)` like
+        `stage_weights`. Raises the refusal (reported to the sender in the group too)."""
+        stager = self._receiver.target
+        stager.expected_version = expected_version
+        self._receiver.receive()
+        return self._incarnation, stager.token
 
     def commit_weights(self, token: int) -> int:
         return self.llm.commit_weights(token)

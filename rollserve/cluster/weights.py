@@ -21,8 +21,11 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from ..weight_sync.updater import WeightUpdateError, next_version, normalize_name
 from ..weight_sync.wire import bucket_entries, plan_buckets, write_bucket
+from .broadcast import BroadcastGroup
 from .replica import ReplicaBehind
 from .replicas import ClusterError
+
+TRANSPORTS = ("ray", "distributed")
 
 
 def put_buckets(named_tensors, bucket_bytes: int) -> list[tuple[object, set[str]]]:
@@ -62,9 +65,10 @@ class ClusterWeights:
     the committed weights, before it serves (`Replicas.sync`).
     """
 
-    def __init__(self, replicas, bucket_bytes: int):
+    def __init__(self, replicas, bucket_bytes: int, transport: str):
         self.replicas = replicas
         self.bucket_bytes = bucket_bytes
+        self.group = BroadcastGroup(replicas, bucket_bytes) if transport == "distributed" else None
         self.committed = CommittedWeights()
         self.lock = threading.RLock()  # one update, or one replica's sync, at a time
         # token -> (version, {slot index: (incarnation that staged, its token)}, buckets)
@@ -78,11 +82,20 @@ class ClusterWeights:
     def stage(self, named_tensors, version: int | None, require_all: bool) -> int:
         with self.lock:
             new_version = next_version(self.version, version)
+            if self.group is not None and self._staged:  # a replica receives into one set of buffers
+                raise ValueError(f"weight_transport='distributed' stages one update at a time: commit or "
+                                 f"discard token {next(iter(self._staged))} first")
             live = self.replicas.live()
-            buckets = put_buckets(named_tensors, self.bucket_bytes)
-            fresh = [(ref, None) for ref, _ in buckets]
-            calls = {s.index: s.actor.stage_weights.remote(fresh, new_version, self.version, require_all)
-                     for s in live}
+            buckets = put_buckets(named_tensors, self.bucket_bytes)  # also what a replica that comes back replays
+            if self.group is None:
+                fresh = [(ref, None) for ref, _ in buckets]
+                calls = {s.index: s.actor.stage_weights.remote(fresh, new_version, self.version, require_all)
+                         for s in live}
+            else:
+                for slot in live:  # every rank must take part: one Ray restarted unnoticed is synced first
+                    self.replicas.refresh(slot)
+                live = [s for s in live if s.alive] or self.replicas.live()
+                calls = self.group.stage(live, buckets, new_version, self.version, require_all)
             tokens, refusals, died = {}, [], []
             for index, ref in calls.items():
                 try:
@@ -162,7 +175,7 @@ class ClusterWeights:
         for index, error in refusals:
             if isinstance(error, WeightUpdateError):
                 raise WeightUpdateError(error.problems, where=f"replica {index}") from None
-        if refusals:
+        if refusals and not died:  # with a death, the others' errors are likely its echo (a broken group)
             raise refusals[0][1]
         raise ClusterError(f"replicas {died} died while {phase} the weight update; it was applied nowhere "
                            f"(every replica keeps the old weights and version)")

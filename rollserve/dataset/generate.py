@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import math
 import numbers
+import sys
 import time
 import uuid
 from contextlib import closing
@@ -75,9 +76,14 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _is_cluster(llm) -> bool:
+    cluster = sys.modules.get("rollserve.cluster")  # not imported: llm cannot be one (and Ray stays out)
+    return cluster is not None and isinstance(llm, cluster.RolloutCluster)
+
+
 def _check_args(llm, sampling_params, reward_fn, batch_size, env_factory, max_turns) -> None:
-    if not isinstance(llm, LLM):
-        raise TypeError(f"llm must be a rollserve.LLM, got {type(llm).__name__}")
+    if not (isinstance(llm, LLM) or _is_cluster(llm)):
+        raise TypeError(f"llm must be a rollserve.LLM or a rollserve.cluster.RolloutCluster, got {type(llm).__name__}")
     if llm.get_tokenizer() is None:
         raise ValueError("generate_dataset needs an LLM with a tokenizer (prompts are text)")
     if llm.has_unfinished():
@@ -92,6 +98,9 @@ def _check_args(llm, sampling_params, reward_fn, batch_size, env_factory, max_tu
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be an int >= 1 (prompts per shard)")
     if env_factory is None:
         return
+    if _is_cluster(llm):
+        raise ValueError("env_factory needs a rollserve.LLM: episodes keep their KV on one engine between turns, "
+                         "and a RolloutCluster does not run episodes")
     if not callable(env_factory):
         raise TypeError(f"env_factory must be callable or None, got {type(env_factory).__name__}")
     if reward_fn is not None:
@@ -133,9 +142,13 @@ def _reward_kwargs_clash(rows: list[PromptRow]) -> None:
 
 def _config(llm, prompt_set: PromptSet, params: SamplingParams, chat: bool, prompt_field: str, fmt: str,
             reward_name: str | None, model_name: str | None, env_name: str | None, max_turns: int) -> dict:
-    model = model_name or getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__
-    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name, model,
-                          dtype=str(llm.model.dtype).removeprefix("torch."), env=env_name, max_turns=max_turns)
+    if _is_cluster(llm):  # every replica holds the same model
+        name, dtype = llm.model_name, llm.dtype
+    else:
+        name, dtype = getattr(llm.model.config, "_name_or_path", "") or type(llm.model).__name__, llm.model.dtype
+    return dataset_config(prompt_set, dataclasses.asdict(params), chat, prompt_field, fmt, reward_name,
+                          model_name or name, dtype=str(dtype).removeprefix("torch."), env=env_name,
+                          max_turns=max_turns)
 
 
 def _name(fn) -> str:
@@ -156,7 +169,8 @@ class _Completions:
 
     def results(self, todo: list[int]):
         llm, params = self.llm, self.params
-        max_in_flight = max(1, IN_FLIGHT_FACTOR * llm.config.max_num_seqs // params.n)
+        engines = llm.num_replicas if _is_cluster(llm) else 1
+        max_in_flight = max(1, IN_FLIGHT_FACTOR * engines * llm.config.max_num_seqs // params.n)
         tag, pending, in_flight = uuid.uuid4().hex[:8], iter(todo), {}
         try:
             while True:
@@ -278,6 +292,9 @@ def generate_dataset(llm, prompts, sampling_params: SamplingParams, output_dir, 
                      model_name: str | None = None, reward_name: str | None = None, env_factory=None,
                      max_turns: int = 4, env_name: str | None = None) -> DatasetSummary:
     """Samples `sampling_params.n` completions of every prompt and writes them to `output_dir` as shards.
+
+    `llm`: a `rollserve.LLM`, or a `rollserve.cluster.RolloutCluster` to spread the prompts over its replicas
+    (the same rows, shards and resume; a dataset may be resumed with either).
 
     `prompts`: a `.jsonl`/`.parquet` path, a `datasets.save_to_disk` folder, a `datasets.Dataset`, a list of
     rows (strings, chat message lists, or mappings holding one under `prompt_field`), or a `PromptSet`.

@@ -6,6 +6,7 @@ line naming the flag."""
 import json
 import shutil
 import signal
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,8 +16,8 @@ from rollserve.cli import load_env_factory, main
 from rollserve.dataset import generate_dataset
 from rollserve.dataset.shards import episode_schema
 
-from helpers import cli_command, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
-from test_resume import _kill_after_first_shard, _rows
+from helpers import cli_command, kill_after_first_shard, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
+from test_resume import _rows
 
 NUM_PROMPTS = 16
 N = 2
@@ -102,7 +103,7 @@ def test_episode_rows(reference):
 def test_sigkill_then_rerun_equals_uninterrupted_run(job, reference, run_cli):
     root, args, _ = job
     out = root / "killed"
-    assert _kill_after_first_shard(cli_command(*args(out)), out) == -signal.SIGKILL
+    assert kill_after_first_shard(cli_command(*args(out)), out) == -signal.SIGKILL
     done_after_kill = {r["prompt_index"] for r in _rows(out)}
     assert 0 < len(done_after_kill) < NUM_PROMPTS, "the kill must land between the first shard and the end"
 
@@ -181,3 +182,11 @@ def test_env_with_reward_is_refused(job, capsys):
     argv = [str(a) for a in args(root / "never")] + ["--reward", "x:y"]
     assert main(["generate", *argv]) == 2
     assert "--reward cannot be combined with --env" in capsys.readouterr().err
+
+
+def test_env_with_replicas_is_refused_before_ray(job, capsys):
+    root, args, _ = job
+    argv = [str(a) for a in args(root / "never")] + ["--replicas", "2"]
+    assert main(["generate", *argv]) == 2
+    assert "--replicas cannot be combined with --env" in capsys.readouterr().err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()

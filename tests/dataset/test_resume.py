@@ -4,8 +4,6 @@ with other parameters is refused and changes nothing; a rerun of a finished data
 import json
 import shutil
 import signal
-import subprocess
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +12,7 @@ from rollserve import LLM, SamplingParams
 from rollserve.cli import load_callable
 from rollserve.dataset import OutputDirError, generate_dataset
 
-from helpers import REPO, cli_command, cli_env, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
+from helpers import cli_command, kill_after_first_shard, one_thread, run_cli, tiny_model_dir  # noqa: F401 (fixtures)
 
 NUM_PROMPTS = 24
 N = 2
@@ -67,27 +65,10 @@ def _shards(out) -> list:
     return sorted(p for p in out.glob("train-*.parquet"))
 
 
-def _kill_after_first_shard(cmd, out, timeout: float = 120) -> int:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    try:
-        while not (out.is_dir() and _shards(out)):
-            assert proc.poll() is None, f"the run ended before its first shard:\n{proc.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "no shard appeared in time"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 def test_sigkill_then_rerun_equals_uninterrupted_run(job, reference, run_cli):
     root, args, _ = job
     out = root / "killed"
-    assert _kill_after_first_shard(cli_command(*args(out)), out) == -signal.SIGKILL
+    assert kill_after_first_shard(cli_command(*args(out)), out) == -signal.SIGKILL
     done_after_kill = {r["prompt_index"] for r in _rows(out)}
     assert 0 < len(done_after_kill) < NUM_PROMPTS, "the kill must land between the first shard and the end"
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
