@@ -5,8 +5,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..kernels.backend import attention_ops, choose_attention_backend
-from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
-from ..kernels.fused_linear import FusedProjections, find_groups
+from ..kernels.cpu_gemm import CpuGemm
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
 from .kv_cache import PagedKVCache
 from .scheduler import SchedulerOutput
@@ -61,14 +60,12 @@ class ModelRunner:
         self.kv_cache = self._new_kv_cache()
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
-        self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
-        groups = find_groups(model)
-        self._fused = FusedProjections(groups) if groups else None
+        self._gemm = CpuGemm.for_model(self.dtype, self.device)
 
     def weights_changed(self) -> None:
         """New weights are in place: copies derived from them are rebuilt before the next forward."""
-        if self._fused is not None:
-            self._fused.invalidate()
+        if self._gemm is not None:
+            self._gemm.invalidate()
 
     def _new_kv_cache(self) -> PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
@@ -160,8 +157,7 @@ class ModelRunner:
         for _, first, _, count in prompt_rows:
             keep.extend(range(first, first + count))
         keep = torch.tensor(keep, dtype=torch.long, device=self.device)
-        with (_paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext(),
-              self._fused or nullcontext()):
+        with _paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext():
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
