@@ -117,3 +117,15 @@ def test_calls_autograd_records_run_unchanged(monkeypatch):
         F.linear(x, weight).sum().backward()
     torch.testing.assert_close(weight.grad, x.sum(0).expand(8, 16))
     assert not mode._copies
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_counts_as_native_only_with_bf16_units(avx512_bf16, amx, native, monkeypatch):
+    """oneDNN's bf16 GEMM by conversion (AVX-512 without avx512_bf16) is slower than fp32: upcast there."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert cpu_gemm.needs_fp32_gemm(torch.bfloat16, torch.device("cpu")) is not native
+    assert CpuGemm(torch.bfloat16).compute == (torch.bfloat16 if native else torch.float32)
+    assert not cpu_gemm.needs_fp32_gemm(torch.float32, torch.device("cpu"))
+    assert not cpu_gemm.needs_fp32_gemm(torch.bfloat16, torch.device("cuda"))
