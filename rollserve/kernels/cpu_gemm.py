@@ -63,8 +63,9 @@ class CpuGemm(TorchFunctionMode):
         self.dtype = dtype
         self.compute = torch.float32 if needs_fp32_gemm(dtype, torch.device("cpu")) else dtype
         self.packed = _packs(self.compute)
-        # id(weight) -> (weakref to it, (version, data_ptr), derived copy): the weakref tells a reused id apart
-        self._copies: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+        # (id(weight), packed?) -> (weakref to it, (version, data_ptr), derived copy): the weakref tells a
+        # reused id apart
+        self._copies: dict[tuple[int, bool], tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
     @classmethod
     def for_model(cls, dtype: torch.dtype, device: torch.device) -> "CpuGemm | None":
@@ -78,7 +79,7 @@ class CpuGemm(TorchFunctionMode):
         self._copies.clear()
 
     def _derived(self, t: torch.Tensor, pack: bool) -> torch.Tensor:
-        key, stamp = id(t), (t._version, t.data_ptr())
+        key, stamp = (id(t), pack), (t._version, t.data_ptr())
         hit = self._copies.get(key)
         if hit is None or hit[0]() is not t or hit[1] != stamp:
             copy = t.detach().to(self.compute)
