@@ -1,4 +1,4 @@
-"""The GEMM-only ceiling: the model's own linear layers for one decode step, through `F.linear`.
+"""The GEMM-only ceiling: the model's own linear layers for one decode step, through the engine's GEMMs and `F.linear`.
 
 Every `nn.Linear` of the model (per layer q/k/v/o and gate/up/down, then the
 LM head) is run once on `rows` input rows, in model order; the best of
@@ -25,9 +25,9 @@ def linear_shapes(model) -> list[torch.nn.Linear]:
 def gemm_step_seconds(model, rows: int, repeats: int = 5, mode=None) -> float:
     """Best-of-`repeats` seconds of one pass over the model's linear layers at `rows` rows.
 
-    `mode`: a context the engine runs its GEMMs under (its fp32 GEMM mode for
-    bf16 on CPUs without bf16 matrix units), so the ceiling is for the kernels
-    the engine can use.
+    `mode`: a context the engine runs its GEMMs under (its `CpuGemm`: packed
+    oneDNN weights, fp32 for bf16 on CPUs without bf16 matrix units), so the
+    ceiling is for the kernels the engine uses; None: plain `F.linear`.
     """
     layers = linear_shapes(model)
     dtype = layers[0].weight.dtype
@@ -50,10 +50,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     args = ap.parse_args()
     llm = LLM(smollm2_135m_instruct(), dtype=args.dtype)
-    mode = llm.engine.runner._gemm
-    seconds = gemm_step_seconds(llm.model, args.rows, mode=mode)
-    print(f"{len(linear_shapes(llm.model))} linear layers at {args.rows} rows: {1000 * seconds:.0f} ms per step, "
-          f"ceiling {args.rows / seconds:.1f} tok/s; torch threads={torch.get_num_threads()}")
+    for name, mode in (("the engine's GEMMs", llm.engine.runner._gemm), ("plain F.linear", None)):
+        seconds = gemm_step_seconds(llm.model, args.rows, mode=mode)
+        print(f"{len(linear_shapes(llm.model))} linear layers at {args.rows} rows, {name}: {1000 * seconds:.0f} ms "
+              f"per step, ceiling {args.rows / seconds:.1f} tok/s; torch threads={torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

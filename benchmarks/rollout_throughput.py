@@ -13,8 +13,9 @@ venv, made on first use (benchmarks/vllm_venv.py).
 
 Prints completion tokens/s for each engine and its ratio to rollserve, the
 GEMM-only ceiling (benchmarks/gemm_ceiling.py: the model's linear layers for
-one decode step at the batch rows the engine ran) and the fraction of it each
-engine reached, and where rollserve's time went: the forward pass, the
+one decode step at the batch rows the engine ran, through the engine's GEMMs,
+and through plain `F.linear` for comparison) and the fraction of the first
+each engine reached, and where rollserve's time went: the forward pass, the
 sampler (with building its per-row tensors) and the rest of the step (packing
 the batch, postprocess). "plain" sampling is the GRPO setting (T=1,
 sampled-token logprobs); "controls" adds top_p=0.95, top_k=50 and logprobs=5
@@ -149,12 +150,14 @@ def main() -> None:
             print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
                   + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items()) + f"; {_load()}", flush=True)
         step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
+        plain_s = gemm_step_seconds(llm.model, rows)
         del llm
         for peer in peers:
             results[peer] = run_peer(peer, path, dtype, w, args.peer_timeout, args.hf_batch)
             print(f"[{dtype}] {peer}: {_describe(results[peer])}; {_load()}", flush=True)
         ceiling = rows / step_s
-        print(f"[{dtype}] GEMM-only ceiling at {rows} rows: {1000 * step_s:.0f} ms per step = {ceiling:.1f} tok/s")
+        print(f"[{dtype}] GEMM-only ceiling at {rows} rows, the engine's GEMMs: {1000 * step_s:.0f} ms per step = "
+              f"{ceiling:.1f} tok/s (plain F.linear: {1000 * plain_s:.0f} ms = {rows / plain_s:.1f} tok/s)")
         _summary(dtype, results, ceiling)
 
 

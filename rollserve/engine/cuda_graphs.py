@@ -169,7 +169,7 @@ class DecodeGraphs:
             if graph is None:
                 graph = self._capture(size)
                 self.graphs.put(addresses, size, graph)
-            with self.runner.model_modes():  # refreshes, in place, copies derived from the weights (fused q/k/v)
+            with self.runner.model_modes():
                 graph.replay()
         keep = [r for r in logits_rows if r >= 0]  # decode rows: row i is i, or -1 mid-recompute
         if len(keep) == n:

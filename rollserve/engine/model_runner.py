@@ -5,8 +5,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from ..kernels.backend import attention_ops, choose_attention_backend
-from ..kernels.cpu_gemm import Fp32Gemm, needs_fp32_gemm
-from ..kernels.fused_linear import FusedProjections, find_groups
+from ..kernels.cpu_gemm import CpuGemm
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
 from .cuda_graphs import DecodeGraphs, capture_sizes, use_cuda_graphs
 from .kv_cache import PagedKVCache
@@ -66,17 +65,15 @@ class ModelRunner:
         self.kv_cache = self._new_kv_cache()
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
-        self._gemm = Fp32Gemm() if needs_fp32_gemm(self.dtype, self.device) else None
-        groups = find_groups(model)
-        self._fused = FusedProjections(groups) if groups else None
+        self._gemm = CpuGemm.for_model(self.dtype, self.device)
         max_blocks = min(-(-max_model_len // block_size), num_blocks)
         self.decode_graphs = (DecodeGraphs(self, capture_sizes(max_num_seqs), max_blocks, scratch_block=num_blocks)
                               if graphs else None)
 
     def weights_changed(self) -> None:
         """New weights are in place: copies derived from them are rebuilt before the next forward."""
-        if self._fused is not None:
-            self._fused.invalidate()
+        if self._gemm is not None:
+            self._gemm.invalidate()
 
     def _new_kv_cache(self) -> PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
@@ -174,9 +171,8 @@ class ModelRunner:
 
     @contextmanager
     def model_modes(self):
-        """What the model runs under in an engine step (paged attention, eval mode, GEMM modes)."""
-        with (_paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext(),
-              self._fused or nullcontext()):
+        """What the model runs under in an engine step (paged attention, eval mode, the CPU GEMM mode)."""
+        with _paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext():
             yield
 
     def call_model(self, input_ids, positions, meta, logits_to_keep) -> torch.Tensor:

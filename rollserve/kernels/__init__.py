@@ -6,8 +6,8 @@ implementations (compiled CPU paths, Triton on GPU) are tested against, and the 
 - `dense_attention.dense_attention`: scaled dot-product attention with optional soft-capping.
 - `decode_attention.paged_decode_attention`: one query token per sequence over its block table.
 - `prefill_attention.paged_prefill_attention`: varlen causal chunks over earlier context in the cache.
-- `cpu_gemm.Fp32Gemm`: half-precision linear layers as fp32 GEMMs on CPUs without half matrix units.
-- `fused_linear.FusedProjections`: each layer's q/k/v and gate/up as one GEMM on fused copies of the weights.
+- `cpu_gemm.CpuGemm`: the CPU's linear layers as oneDNN GEMMs on prepacked weights, and half-precision ones
+  as fp32 GEMMs on CPUs without half matrix units.
 - `cpu_ext`: the optional C++/OpenMP kernels of csrc/ (built by `make install`): paged decode attention
   read in place through the block tables.
 

@@ -1,17 +1,30 @@
-"""bf16/fp16 linear layers on CPUs without half-precision matrix units.
+"""The engine's CPU linear layers: oneDNN GEMMs on prepacked weights; half precision in fp32 where it is slow.
 
-There PyTorch's bf16 GEMM falls back to a generic kernel about 10x slower
-than its fp32 one. This mode runs each half-precision `F.linear` as an fp32
-GEMM on exact fp32 copies of the weights and rounds the result back to the
-input dtype: fp32 accumulation of exact products, which is what a native bf16
-GEMM does too. Copies are keyed by the weight's version counter, so in-place
-weight updates are picked up.
+oneDNN's GEMM on a weight reordered once into its blocked layout
+(`mkldnn._reorder_linear_weight`, what inductor's weight prepacking uses)
+beats `F.linear` (MKL sgemm) at every shape of the engine on the machines
+measured, AVX-512 and AVX2 alike, by 1.1-1.7x (the LM head most; figures in
+benchmarks/RESULTS.md). One packed copy serves every batch size. Its fp32
+results differ from MKL's by the order of the fp32 accumulation (~1e-5).
 
-Under the mode, `F.linear(x, weight, bias)` with x: [..., in_features] bf16/fp16, weight:
-[out_features, in_features] and bias: [out_features] (x's dtype) returns [..., out_features] in x's
-dtype, equal to `F.linear(x.float(), weight.float(), bias.float()).to(x.dtype)`; every other call
-(and fp32 inputs) runs unchanged.
+On a CPU without bf16/fp16 matrix support PyTorch's half-precision GEMM is
+about 10x slower than fp32. There half-precision layers run as fp32 GEMMs on
+exact fp32 copies of the weights and the result is rounded back to the input
+dtype: fp32 accumulation of exact products, which is what a native bf16 GEMM
+does too. Where bf16 is native, bf16 layers are packed as bf16.
+
+Every derived copy (packed, fp32 or both) is keyed by its weight and stamped
+with the weight's version counter and storage, so in-place updates (`copy_`,
+an optimizer step on a trainer's own parameters, a double-buffered swap) are
+seen by the next call; `invalidate()` drops them for writers that bypass the
+version counter (`param.data.copy_`).
+
+Under the mode, `F.linear(x, weight, bias)` with x: [..., in_features] and weight: [out_features,
+in_features] of x's dtype on the CPU returns [..., out_features] in x's dtype; every other call
+(other devices, mixed dtypes, calls that autograd records) runs unchanged.
 """
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,34 +34,76 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 def needs_fp32_gemm(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `dtype` GEMMs on `device` lack native kernels (a CPU without bf16/fp16 matrix support)."""
+    """Whether `dtype` GEMMs on `device` lack fast native kernels (a CPU without bf16/fp16 matrix support).
+
+    oneDNN also runs bf16 on AVX-512 CPUs without avx512_bf16, by conversion: measured there (emulated
+    with ONEDNN_MAX_CPU_ISA=AVX512_CORE) 2.3-2.7x slower than the fp32 GEMM, so only avx512_bf16 or AMX
+    count as native.
+    """
     if device.type != "cpu" or dtype not in HALF:
         return False
     if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return not (fast and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
-class Fp32Gemm(TorchFunctionMode):
-    """A `TorchFunctionMode` (use as a context manager) running half-precision `F.linear` in fp32."""
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed GEMM runs `dtype` fast here (fp32 everywhere it is built; bf16 where native)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not needs_fp32_gemm(dtype, torch.device("cpu")))
 
-    def __init__(self):
+
+class CpuGemm(TorchFunctionMode):
+    """A `TorchFunctionMode` (use as a context manager) running the CPU's `F.linear` calls as described above."""
+
+    def __init__(self, dtype: torch.dtype):
         super().__init__()
-        self._copies: dict[int, tuple[int, int, torch.Tensor]] = {}
+        self.dtype = dtype
+        self.compute = torch.float32 if needs_fp32_gemm(dtype, torch.device("cpu")) else dtype
+        self.packed = _packs(self.compute)
+        # (id(weight), packed?) -> (weakref to it, (version, data_ptr), derived copy): the weakref tells a
+        # reused id apart
+        self._copies: dict[tuple[int, bool], tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
-    def _fp32(self, t: torch.Tensor) -> torch.Tensor:
-        key = id(t)
+    @classmethod
+    def for_model(cls, dtype: torch.dtype, device: torch.device) -> "CpuGemm | None":
+        """The mode for a model of `dtype` on `device`, or None where it would run every call unchanged."""
+        if device.type != "cpu":
+            return None
+        mode = cls(dtype)
+        return mode if mode.packed or mode.compute != dtype else None
+
+    def invalidate(self) -> None:
+        self._copies.clear()
+
+    def _derived(self, t: torch.Tensor, pack: bool) -> torch.Tensor:
+        key, stamp = (id(t), pack), (t._version, t.data_ptr())
         hit = self._copies.get(key)
-        if hit is None or hit[0] != t._version or hit[1] != t.data_ptr():
-            hit = (t._version, t.data_ptr(), t.detach().float())
+        if hit is None or hit[0]() is not t or hit[1] != stamp:
+            copy = t.detach().to(self.compute)
+            if pack:
+                copy = torch.ops.mkldnn._reorder_linear_weight(copy, None)
+            hit = (weakref.ref(t), stamp, copy)
             self._copies[key] = hit
         return hit[2]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and args[0].dtype in HALF:
+        if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            out = F.linear(x.float(), self._fp32(weight), None if bias is None else self._fp32(bias))
-            return out.to(x.dtype)
+            if x.dtype == weight.dtype == self.dtype and weight.device.type == "cpu" and weight.dim() == 2:
+                records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+                pack = self.packed and not records  # the packed op has no autograd formula
+                if pack or self.compute != self.dtype:
+                    w = self._derived(weight, pack)
+                    b = None if bias is None else (bias if bias.dtype == self.compute else self._derived(bias, False))
+                    xc = x.to(self.compute)
+                    if pack:
+                        out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "")
+                    else:
+                        out = F.linear(xc, w, b)
+                    return out.to(x.dtype)
         return func(*args, **kwargs)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollserve.kernels.cpu_gemm import Fp32Gemm
 from rollserve.kernels.decode_attention import paged_decode_attention
 from rollserve.kernels.kv_write import write_kv
 from rollserve.kernels.prefill_attention import paged_prefill_attention
@@ -137,25 +136,3 @@ def test_prefill_without_context_is_plain_causal_sdpa():
     k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (keys[0], values[0]))
     ref = F.scaled_dot_product_attention(query.transpose(0, 1), k, v, is_causal=True, scale=0.25).transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_gemm_rounds_an_fp32_linear(dtype):
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(3, 5, 16, generator=gen).to(dtype)  # [..., in_features]
-    weight = torch.randn(8, 16, generator=gen).to(dtype)  # [out_features, in_features]
-    bias = torch.randn(8, generator=gen).to(dtype)
-    mode = Fp32Gemm()
-    with mode:
-        out = F.linear(x, weight, bias)
-        unchanged = F.linear(x.float(), weight.float())  # fp32 calls pass through
-    assert out.dtype == dtype and out.shape == (3, 5, 8)
-    assert torch.equal(out, F.linear(x.float(), weight.float(), bias.float()).to(dtype))
-    assert torch.equal(unchanged, F.linear(x.float(), weight.float()))
-    torch.testing.assert_close(out.float(), (x.double() @ weight.double().T + bias.double()).float(),
-                               atol=5e-2, rtol=2e-2)
-    with torch.no_grad():
-        weight.mul_(2)  # an in-place weight update is seen through the cached fp32 copy
-    with mode:
-        out = F.linear(x, weight, bias)
-    assert torch.equal(out, F.linear(x.float(), weight.float(), bias.float()).to(dtype))

@@ -64,7 +64,7 @@ def test_update_from_another_thread_lands_between_steps(tiny_model, make_prompts
 
 # The last layer's weights that never reach the K/V of earlier tokens (its q/o/MLP and the final norm): with
 # only these changed, a sequence's next token after the update must equal a fresh engine's on the new weights.
-# q_proj and gate_proj/up_proj are the fused groups' members, so stale fused copies would show.
+# Every one of them runs on a packed copy (kernels/cpu_gemm.py), so a stale copy would show.
 _LAST_LAYER = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -88,12 +88,12 @@ def test_update_between_two_steps_reaches_the_next_token(tiny_model, make_prompt
 
     copy-in / double-buffer: `update_weights` from another thread, started inside the 4th forward; the first
     token labelled with the new version is checked. zero-copy: the engine runs the trainer's own module and
-    the trainer's optimizer steps on it right after the 4th forward (no engine call at all: the fused copies
+    the trainer's optimizer steps on it right after the 4th forward (no engine call at all: the packed copies
     must notice the version counters), so the 5th token is checked.
     """
     model = tiny_model("llama", seed=0)
     llm = LLM(model, kv_cache_memory=1 << 22, double_buffer_weights=mode == "double-buffer")
-    assert llm.engine.runner._fused is not None  # the path under test
+    assert llm.engine.runner._gemm is not None  # the packed-weight path under test
     new = _next_layer_weights(model, tiny_model("llama", seed=1))
     prompts = make_prompts([6, 9], seed=3)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5, logprobs_mode="raw")
