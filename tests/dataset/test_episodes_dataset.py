@@ -6,7 +6,6 @@ line naming the flag."""
 import json
 import shutil
 import signal
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -184,9 +183,8 @@ def test_env_with_reward_is_refused(job, capsys):
     assert "--reward cannot be combined with --env" in capsys.readouterr().err
 
 
-def test_env_with_replicas_is_refused_before_ray(job, capsys):
+def test_env_with_replicas_is_refused(job, capsys):
     root, args, _ = job
     argv = [str(a) for a in args(root / "never")] + ["--replicas", "2"]
     assert main(["generate", *argv]) == 2
     assert "--replicas cannot be combined with --env" in capsys.readouterr().err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
