@@ -283,12 +283,10 @@ class RolloutCluster:
 
     def stats(self) -> list[ReplicaStats]:
         """Per replica: alive, pid, restarts, its load in outstanding tokens, requests routed, its `LLM.metrics()`."""
-        self.replicas.live()
+        self.replicas.confirmed()
         out = []
         for slot in self.replicas.slots:
             metrics = None
-            if slot.alive:
-                self.replicas.refresh(slot)
             if slot.alive:
                 try:
                     metrics = self.replicas.get(slot.actor.metrics.remote())

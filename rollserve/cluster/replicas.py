@@ -142,6 +142,12 @@ class Replicas:
                                    f"replica_timeout={self.replica_timeout}s")
             time.sleep(_PROBE_S)
 
+    def confirmed(self) -> list[Slot]:
+        """The replicas alive now, each having just answered who it is (see `refresh`)."""
+        for slot in self.live():
+            self.refresh(slot)
+        return [s for s in self.slots if s.alive]
+
     def wait_ready(self, timeout: float | None = None) -> None:
         """Returns once every replica has answered who it is and is at the cluster's weights.
 
@@ -151,11 +157,7 @@ class Replicas:
         """
         timeout = self.replica_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while True:
-            for slot in self.live():
-                self.refresh(slot)
-            if all(s.alive for s in self.slots):
-                return
+        while len(self.confirmed()) < len(self.slots):
             if time.monotonic() > deadline:
                 down = [s.index for s in self.slots if not s.alive]
                 raise ClusterError(f"replicas {down} did not come back within {timeout}s")

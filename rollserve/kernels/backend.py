@@ -47,11 +47,7 @@ def choose_attention_backend(requested: str, device: torch.device | str, block_s
 
         return "cpu" if device.type == "cpu" and cpu_ext.extension() is not None else "torch"
     if requested == "triton":
-        if not triton_installed():
-            raise ValueError("attention_backend='triton' needs the triton package: pip install 'rollserve[triton]'")
-        if device.type != "cuda" and not triton_interpreting():
-            raise ValueError(f"attention_backend='triton' needs the model on a CUDA device (it is on {device}); "
-                             f"on the CPU the kernels run only under TRITON_INTERPRET=1, for tests")
+        _check_triton_runs("attention_backend", device)
         if not triton_block_size_ok(block_size):
             raise ValueError(f"attention_backend='triton' needs block_size to be a power of two >= 16, "
                              f"got {block_size}")
@@ -90,12 +86,17 @@ def choose_sampling_backend(requested: str, device: torch.device | str) -> str:
     if requested == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "torch"
     if requested == "triton":
-        if not triton_installed():
-            raise ValueError("sampling_backend='triton' needs the triton package: pip install 'rollserve[triton]'")
-        if device.type != "cuda" and not triton_interpreting():
-            raise ValueError(f"sampling_backend='triton' needs the model on a CUDA device (it is on {device}); "
-                             f"on the CPU the kernel runs only under TRITON_INTERPRET=1, for tests")
+        _check_triton_runs("sampling_backend", device)
     return requested
+
+
+def _check_triton_runs(field: str, device: torch.device) -> None:
+    """Raises ValueError, naming `field`, when a forced Triton kernel cannot run on `device`."""
+    if not triton_installed():
+        raise ValueError(f"{field}='triton' needs the triton package: pip install 'rollserve[triton]'")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"{field}='triton' needs the model on a CUDA device (it is on {device}); "
+                         f"on the CPU the Triton kernels run only under TRITON_INTERPRET=1, for tests")
 
 
 def sampling_kernel(backend: str) -> Callable | None:
