@@ -36,6 +36,24 @@ def test_decode_attention_matches_the_reference(heads, sliding_window, softcap, 
     torch.testing.assert_close(out, ref, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sliding_window, softcap", [(None, None), (21, None), (None, 3.0)])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 32), (14, 2, 64), (8, 2, 128), (6, 3, 40)])
+def test_vectorised_decode_attention_matches_the_reference(heads, sliding_window, softcap, dtype):
+    """Engine-sized blocks: the vector path's eight-token score groups, their tails and partial blocks, query
+    groups of one to seven heads (values three heads at a time), and a head_dim that is not a multiple of 32
+    (the scalar path)."""
+    num_heads, num_kv_heads, head_dim = heads
+    lengths = [1, 8, 9, 16, 23, 40, 100, 129]
+    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths, dtype, seed=num_heads + head_dim)
+    scale = head_dim ** -0.5
+    out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, softcap)
+    ref = paged_decode_attention(*[a.double() if a.is_floating_point() else a for a in args], scale,
+                                 sliding_window, softcap)
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, ref.to(dtype), **tol)
+
+
 def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
     """The engine passes q as a transposed view and one layer's K (or V) of the [layers, 2, ...] cache."""
     query, k_cache, v_cache, tables, lens = _case(6, 9, 3, 64, 16, [17, 40, 3, 64, 65, 1], torch.float32, seed=7)
