@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workload import GRPO, conversations  # noqa: E402
+from workload import GRPO, LONG, conversations  # noqa: E402
 
 from rollserve import LLM, SamplingParams, smollm2_135m_instruct  # noqa: E402
 
@@ -33,15 +33,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true")
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--long", action="store_true", help="the --long workload (16 prompts x n=4 x 1024)")
     args = ap.parse_args()
+    w = LONG if args.long else GRPO
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.wall else time.process_time
-    llm = LLM(str(smollm2_135m_instruct()), dtype=args.dtype, seed=0, max_num_seqs=GRPO.num_seqs)
-    params = SamplingParams(n=GRPO.n, temperature=GRPO.temperature, max_tokens=GRPO.max_tokens, ignore_eos=True,
+    llm = LLM(str(smollm2_135m_instruct()), dtype=args.dtype, seed=0, max_num_seqs=w.num_seqs)
+    params = SamplingParams(n=w.n, temperature=w.temperature, max_tokens=w.max_tokens, ignore_eos=True,
                             logprobs=0)
-    for conv in conversations(GRPO.num_prompts):
+    for conv in conversations(w.num_prompts):
         llm.add_request(conv, params)
-    while llm.metrics()["num_waiting"] or llm.metrics()["num_running"] < GRPO.num_seqs:
+    while llm.metrics()["num_waiting"] or llm.metrics()["num_running"] < w.num_seqs:
         llm.step()
     llm.step()  # the last prefill chunk's step
     for _ in range(args.skip_steps):
@@ -64,15 +66,14 @@ def main() -> None:
                                                decode=timed("decode attention", ops.decode))
     gemm = runner._gemm
     if gemm is not None:
-        gemm_fn = type(gemm).__torch_function__
-        type(gemm).__torch_function__ = lambda self, func, types, a=(), k=None: (
-            timed("GEMMs", gemm_fn)(self, func, types, a, k) if func is F.linear else gemm_fn(self, func, types, a, k))
+        gemm_fn = type(gemm)._module_forward  # what the engine's linear modules run (CpuGemm.on_linear_modules)
+        type(gemm)._module_forward = timed("GEMMs", gemm_fn)
     runner.forward = timed("forward", runner.forward)
     step = timed("step", llm.step)
     for _ in range(args.steps):
         step()
     if gemm is not None:
-        type(gemm).__torch_function__ = gemm_fn
+        type(gemm)._module_forward = gemm_fn
     parts = {"GEMMs": seconds["GEMMs"], "decode attention": seconds["decode attention"],
              "kv write": seconds["kv write"]}
     parts["rest of forward"] = seconds["forward"] - sum(parts.values())

@@ -172,7 +172,8 @@ class ModelRunner:
     @contextmanager
     def model_modes(self):
         """What the model runs under in an engine step (paged attention, eval mode, the CPU GEMM mode)."""
-        with _paged_attention(self._attn_configs), _eval_mode(self.model), self._gemm or nullcontext():
+        gemm = nullcontext() if self._gemm is None else self._gemm.on_linear_modules(self.model)
+        with _paged_attention(self._attn_configs), _eval_mode(self.model), gemm:
             yield
 
     def call_model(self, input_ids, positions, meta, logits_to_keep) -> torch.Tensor:

@@ -24,6 +24,8 @@ in_features] of x's dtype on the CPU returns [..., out_features] in x's dtype; e
 (other devices, mixed dtypes, calls that autograd records) runs unchanged.
 """
 
+from contextlib import contextmanager
+from functools import partial
 import weakref
 
 import torch
@@ -89,21 +91,45 @@ class CpuGemm(TorchFunctionMode):
             self._copies[key] = hit
         return hit[2]
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`F.linear(x, weight, bias)` as described above, or None for a call that runs unchanged."""
+        if not (x.dtype == weight.dtype == self.dtype and weight.device.type == "cpu" and weight.dim() == 2):
+            return None
+        records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        pack = self.packed and not records  # the packed op has no autograd formula
+        if not (pack or self.compute != self.dtype):
+            return None
+        w = self._derived(weight, pack)
+        b = None if bias is None else (bias if bias.dtype == self.compute else self._derived(bias, False))
+        xc = x.to(self.compute)
+        out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "") if pack else F.linear(xc, w, b)
+        return out.to(x.dtype)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == weight.dtype == self.dtype and weight.device.type == "cpu" and weight.dim() == 2:
-                records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-                pack = self.packed and not records  # the packed op has no autograd formula
-                if pack or self.compute != self.dtype:
-                    w = self._derived(weight, pack)
-                    b = None if bias is None else (bias if bias.dtype == self.compute else self._derived(bias, False))
-                    xc = x.to(self.compute)
-                    if pack:
-                        out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "")
-                    else:
-                        out = F.linear(xc, w, b)
-                    return out.to(x.dtype)
+            out = self.linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+            if out is not None:
+                return out
         return func(*args, **kwargs)
+
+    @contextmanager
+    def on_linear_modules(self, model: torch.nn.Module):
+        """Within the context, `model`'s `nn.Linear` modules run through `linear`: what the engine uses.
+
+        The mode itself costs a Python call on every torch call of the forward (a few µs each, thousands per
+        step: measured ~15 % of a 64-row decode step); rebinding `forward` on the linear modules costs it only
+        on theirs. Modules with their own forward (subclasses, quantized layers) are left alone.
+        """
+        linears = [m for m in model.modules() if type(m).forward is torch.nn.Linear.forward]
+        for m in linears:
+            m.forward = partial(self._module_forward, m)
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.__dict__.pop("forward", None)
+
+    def _module_forward(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x, module.weight, module.bias)
+        return F.linear(x, module.weight, module.bias) if out is None else out

@@ -61,39 +61,47 @@ WRITES = {
 }
 
 
-def _logits(model, ids, mode=None):
+HOWS = ["mode", "modules"]  # as a TorchFunctionMode, or bound to the model's linear modules (what the engine uses)
+
+
+def _logits(model, ids, mode=None, how="mode"):
     with torch.inference_mode():
         if mode is None:
             return model(input_ids=ids).logits
-        with mode:
+        with mode if how == "mode" else mode.on_linear_modules(model):
             return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_model_forward_equals_plain(arch, tiny_model, monkeypatch):
+def test_model_forward_equals_plain(arch, how, tiny_model, monkeypatch):
     model = tiny_model(arch, seed=0).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     mode = _mode("packed", torch.float32, monkeypatch)
-    torch.testing.assert_close(_logits(model, ids, mode), _logits(model, ids), atol=1e-5, rtol=0)
-    assert len(mode._copies) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids, mode, how), _logits(model, ids), atol=1e-5, rtol=0)
+    # every linear layer ran on a packed copy (tied weights share one)
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {key[0] for key in mode._copies} == weights
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the modules are given back unchanged
 
 
+@pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("write", sorted(WRITES))
 @pytest.mark.parametrize("kernel, dtype", [("packed", torch.float32), ("packed", torch.bfloat16),
                                            ("upcast", torch.bfloat16), ("upcast+packed", torch.bfloat16)])
-def test_copies_follow_in_place_writes(write, kernel, dtype, tiny_model, monkeypatch):
+def test_copies_follow_in_place_writes(write, kernel, dtype, how, tiny_model, monkeypatch):
     model = tiny_model("llama", seed=0).to(dtype).eval()
     mode = _mode(kernel, dtype, monkeypatch)
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
-    before = _logits(model, ids, mode)
+    before = _logits(model, ids, mode, how)
     layer = model.model.layers[0]
     with torch.no_grad():
         for lin in (layer.self_attn.k_proj, layer.mlp.up_proj, model.lm_head):
             WRITES[write](lin.weight, _perturb(lin.weight))
-    expected = _logits(model, ids, mode)
+    expected = _logits(model, ids, mode, how)
     assert (expected.float() - before.float()).abs().max() > 1e-2
     fresh = _mode(kernel, dtype, monkeypatch)  # no copies yet
-    torch.testing.assert_close(expected, _logits(model, ids, fresh), atol=0, rtol=0)
+    torch.testing.assert_close(expected, _logits(model, ids, fresh, how), atol=0, rtol=0)
 
 
 def test_invalidate_for_writers_that_bypass_the_version_counter(tiny_model, monkeypatch):
