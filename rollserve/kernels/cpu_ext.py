@@ -7,8 +7,12 @@ loaded only if that build is there (a stale build is rebuilt), and
 
 - `paged_decode_attention`: `decode_attention.paged_decode_attention` reading
   K/V in place through the block tables (no gathered copy), one online-softmax
-  pass per (sequence, KV head), fp32 accumulation; float32, bfloat16 and
-  float16 on the CPU.
+  pass per sequence over its blocks, fp32 accumulation; float32, bfloat16 and
+  float16 on the CPU. For head_dim a multiple of 32 (AVX2/FMA builds) a block's
+  scores are computed eight tokens at a time and its values accumulated for up
+  to three query heads per pass, and the next block is prefetched into L2 while
+  this one is scored: at long contexts the kernel then reads K/V at about the
+  machine's memory bandwidth (benchmarks/RESULTS.md).
 """
 
 import os
