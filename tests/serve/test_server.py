@@ -420,10 +420,23 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
         except Exception as e:  # noqa: BLE001 - recorded and asserted on
             errors.append(e)
 
+    # One long streamed request, under way before the update is sent, spans it whatever the timing: the short
+    # ones alone can all finish while this process is stalled (seen once under a full suite's load).
+    span, spanning = [], threading.Event()
+
+    def span_worker() -> None:
+        try:
+            for out in r.stream([4, 7, 9], SamplingParams(max_tokens=400, ignore_eos=True, seed=99)):
+                span.extend(out.outputs[0].weight_versions or [])
+                spanning.set()
+        except Exception as e:  # noqa: BLE001 - recorded and asserted on
+            errors.append(e)
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    threads.append(threading.Thread(target=span_worker))
     for t in threads:
         t.start()
-    _wait_for(lambda: len(outputs) >= 16 or errors)  # some requests finished on the old weights
+    _wait_for(lambda: (len(outputs) >= 16 and spanning.is_set()) or errors)  # some finished on the old weights
     with torch.no_grad():
         for p in trainer.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -438,7 +451,8 @@ def test_update_weights_over_shm_while_16_threads_generate(server, tiny_folder):
     assert r.weights_fingerprint() == weights_fingerprint(trainer.named_parameters()) != before
     seen = [set(c.weight_versions) for o in outputs for c in o.outputs]
     assert {start} in seen and {start + 5} in seen
-    assert any(s == {start, start + 5} for s in seen), "no sequence recorded the version change mid-way"
+    assert len(span) == 400 and span == sorted(span) and set(span) == {start, start + 5}, \
+        "the long request did not record the version change mid-way"
 
     with pytest.raises(ValueError, match="shape"):  # refused: nothing changes
         r.update_weights([("lm_head.weight", torch.zeros(3, 3))])
