@@ -11,6 +11,7 @@ would shadow tests/conftest.py, which other test modules import by name).
   one thread, 115 s with two, load average 8); the CLI subprocesses get OMP_NUM_THREADS=1 likewise.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,35 @@ def kill_after_first_shard(cmd, out, timeout: float = 120) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def dataset_rows(out) -> list[dict]:
+    """Every row of the parquet shards in `out`, sorted by (prompt_index, sample_index)."""
+    import pyarrow.parquet as pq
+
+    rows = [r for shard in sorted(out.glob("train-*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
+
+
+def kill_then_resume(run_cli, args, out, num_prompts: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `rollserve generate *args` (writing to `out`), SIGKILLs it once its first shard is written, then
+    reruns it to the end; returns the rerun.
+
+    Checks what every resumed run must show: the kill landed between the first shard and the end, with the
+    manifest still incomplete; the rerun succeeded, said how many prompts it resumed and left no temporary
+    file; the manifest is then complete, after two runs.
+    """
+    assert kill_after_first_shard(cli_command(*args), out, timeout=timeout) == -signal.SIGKILL
+    done_after_kill = {r["prompt_index"] for r in dataset_rows(out)}
+    assert 0 < len(done_after_kill) < num_prompts, "the kill must land between the first shard and the end"
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    resumed = run_cli(*args, timeout=timeout)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(done_after_kill)} resumed" in resumed.stdout
+    assert not list(out.glob(".*.tmp"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and len(manifest["runs"]) == 2
+    return resumed
 
 
 def cli_command(*args) -> list[str]:

@@ -8,15 +8,13 @@ through a SIGKILL. The CLI subprocesses join this test's Ray (RAY_ADDRESS), so n
 
 import json
 import shutil
-import signal
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from helpers import (cli_command, kill_after_first_shard, ray_session, run_cli,  # noqa: E402,F401 (fixtures)
+from helpers import (dataset_rows, kill_then_resume, ray_session, run_cli,  # noqa: E402,F401 (fixtures)
                      tiny_model_dir)
 from rollserve import LLM, SamplingParams  # noqa: E402
 from rollserve.cli import load_callable  # noqa: E402
@@ -67,11 +65,6 @@ def reference(job, tiny_model_dir):
     return out
 
 
-def rows(out) -> list[dict]:
-    found = [r for shard in sorted(out.glob("train-*.parquet")) for r in pq.read_table(shard).to_pylist()]
-    return sorted(found, key=lambda r: (r["prompt_index"], r["sample_index"]))
-
-
 def assert_same_rows(got, want):
     assert [(r["prompt_index"], r["sample_index"]) for r in got] == \
         [(i, j) for i in range(NUM_PROMPTS) for j in range(N)]  # each prompt, each sample, exactly once
@@ -88,7 +81,7 @@ def test_a_cluster_writes_the_rows_one_llm_writes_and_finishes_a_dataset_it_bega
     summary = make(cluster, job, out)
     assert summary.complete and summary.num_prompts_generated == NUM_PROMPTS
     assert all(s.requests > 0 for s in cluster.stats())  # both replicas generated
-    assert_same_rows(rows(out), rows(reference))
+    assert_same_rows(dataset_rows(out), dataset_rows(reference))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"] == json.loads((reference / "manifest.json").read_text())["config"]
 
@@ -98,7 +91,7 @@ def test_a_cluster_writes_the_rows_one_llm_writes_and_finishes_a_dataset_it_bega
         shard.unlink()  # as if the single-engine run had been killed 6 prompts before the end
     resumed = make(cluster, job, begun)
     assert (resumed.num_prompts_resumed, resumed.num_prompts_generated) == (NUM_PROMPTS - 6, 6)
-    assert_same_rows(rows(begun), rows(reference))
+    assert_same_rows(dataset_rows(begun), dataset_rows(reference))
     assert not cluster.has_unfinished()
 
 
@@ -135,18 +128,9 @@ def test_cli_replicas_survive_a_sigkill_and_a_rerun_completes_each_prompt_once(r
 
     address = ray.get_runtime_context().gcs_address
     monkeypatch.setenv("RAY_ADDRESS", address)  # cli_env() copies os.environ
-    assert kill_after_first_shard(cli_command(*args()), out, timeout=300) == -signal.SIGKILL
-    done_after_kill = {r["prompt_index"] for r in rows(out)}
-    assert 0 < len(done_after_kill) < NUM_PROMPTS, "the kill must land between the first shard and the end"
-
-    resumed = run_cli(*args(), timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(done_after_kill)} resumed" in resumed.stdout
+    resumed = kill_then_resume(run_cli, args(), out, NUM_PROMPTS, timeout=300)
     assert f"engines: 2 replicas on the Ray cluster at {address}" in resumed.stdout
-    assert not list(out.glob(".*.tmp"))
-    assert_same_rows(rows(out), rows(reference))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] is True and len(manifest["runs"]) == 2
+    assert_same_rows(dataset_rows(out), dataset_rows(reference))
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # from here on, reaching Ray (or starting one) fails
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

@@ -12,7 +12,7 @@ from rollserve import LLM, SamplingParams
 from rollserve.dataset import RewardError, generate_dataset, prompt_seed
 from rollserve.dataset.shards import arrow_schema
 
-from helpers import one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+from helpers import dataset_rows, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
 
 SMOL_KV = 128 * 1024**2
 QUESTIONS = [
@@ -22,11 +22,6 @@ QUESTIONS = [
 ]
 MAX_TOKENS = 12
 TEMPERATURE = 0.8
-
-
-def _rows(out) -> list[dict]:
-    rows = [r for shard in sorted(out.glob("train-*.parquet")) for r in pq.read_table(shard).to_pylist()]
-    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample_index"]))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def test_smollm2_end_to_end(smol, tmp_path):
     assert pq.read_schema(out / "train-00000.parquet").remove_metadata() == arrow_schema(with_reward=False)
     loaded = datasets.load_dataset("parquet", data_dir=str(out), split="train")
     assert loaded.num_rows == 80 and "reward" not in loaded.column_names
-    got = _rows(out)
+    got = dataset_rows(out)
     assert [(r["prompt_index"], r["sample_index"]) for r in got] == [(i, j) for i in range(20) for j in range(4)]
     tok = smol.get_tokenizer()
     for r in got:
@@ -139,7 +134,7 @@ def test_reward_error_names_the_row_keeps_shards_and_resumes(tiny, tmp_path):
     with pytest.raises(RewardError, match=rf"reward function r failed on {prompts}:10 \(prompt_index=9, "
                                           r"sample_index=0\): KeyError"):
         generate_dataset(tiny, prompts, params, out, broken, batch_size=2, use_tqdm=False, reward_name="r")
-    kept = _rows(out)
+    kept = dataset_rows(out)
     assert kept, "the shards before the failing one are kept"
     assert 9 not in {r["prompt_index"] for r in kept}
     assert not list(out.glob(".*tmp"))
@@ -149,7 +144,7 @@ def test_reward_error_names_the_row_keeps_shards_and_resumes(tiny, tmp_path):
     summary = generate_dataset(tiny, prompts, params, out, lambda prompt, completion, answer: 1.0, batch_size=2,
                                use_tqdm=False, reward_name="r")
     assert summary.num_prompts_resumed == len({r["prompt_index"] for r in kept})
-    assert summary.complete and [r["prompt_index"] for r in _rows(out)] == list(range(12))
+    assert summary.complete and [r["prompt_index"] for r in dataset_rows(out)] == list(range(12))
 
 
 def test_reward_must_return_a_finite_number(tiny, tmp_path):
@@ -226,7 +221,7 @@ def test_update_weights_during_generate_dataset_lands_between_steps(tiny_model_d
     assert summary.complete and result["version"] == 1
     assert torn == []
     assert 6 <= result["steps"] < len(counters) - 5  # applied while the dataset was generating
-    rows = _rows(tmp_path / "out")
+    rows = dataset_rows(tmp_path / "out")
     by_prompt = {r["prompt_index"]: r["weight_version"] for r in rows}
     assert set(by_prompt.values()) == {0, 1}
     first_new = min(i for i, v in by_prompt.items() if v == 1)
