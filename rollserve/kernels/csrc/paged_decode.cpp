@@ -15,6 +15,16 @@
 
 namespace {
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The sum of the 8 lanes of s.
+inline float hsum8(__m256 s) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
 inline float dot(const float* a, const float* b, int64_t n) {
 #if defined(__AVX2__) && defined(__FMA__)
   if (n % 16 == 0) {
@@ -23,11 +33,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
       s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
       s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
     }
-    __m256 s = _mm256_add_ps(s0, s1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
+    return hsum8(_mm256_add_ps(s0, s1));
   }
 #endif
   float acc = 0.0f;
@@ -116,6 +122,42 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// Before a sequence: its queries as float in qf [H, D] (times `scale`, except under a softcap, which takes the
+// scale inside the cap), and the online softmax emptied: running max m = -inf, sum l = 0, acc [H, D] = 0.
+template <typename scalar_t>
+inline void start_sequence(const scalar_t* q, int64_t H, int64_t D, float scale, float softcap, float* qf, float* m,
+                           float* l, float* acc) {
+  const float qscale = softcap > 0 ? 1.0f : scale;
+  for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[i]) * qscale;
+  std::fill(m, m + H, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + H, 0.0f);
+  std::fill(acc, acc + H * D, 0.0f);
+}
+
+// One block's scores sh[0:n] of one query head into its online softmax (m, l, acc[0:D]): soft-capped, then
+// exponentiated in place against the new running max, acc rescaled to it.
+inline void softmax_block(float* sh, int64_t n, float scale, float softcap, float& m, float& l, float* acc,
+                          int64_t D) {
+  if (softcap > 0)
+    for (int64_t t = 0; t < n; ++t) sh[t] = std::tanh(sh[t] * scale / softcap) * softcap;
+  float best = m;
+  for (int64_t t = 0; t < n; ++t) best = std::max(best, sh[t]);
+  const float corr = std::exp(m - best);  // exp(-inf) = 0 on the first block
+  if (corr != 1.0f)
+    for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+  l = l * corr + exp_shifted(sh, n, best);
+  m = best;
+}
+
+// After a sequence: out [H, D] = acc / l.
+template <typename scalar_t>
+inline void finish_sequence(const float* acc, const float* l, int64_t H, int64_t D, scalar_t* out) {
+  for (int64_t hq = 0; hq < H; ++hq) {
+    const float inv = 1.0f / l[hq];
+    for (int64_t d = 0; d < D; ++d) out[hq * D + d] = static_cast<scalar_t>(acc[hq * D + d] * inv);
+  }
+}
+
 // The next block's K and V on their way into the cache while this one is computed: blocks are scattered,
 // so the hardware prefetcher, which follows streams, starts cold on each.
 template <typename scalar_t>
@@ -155,13 +197,7 @@ void decode_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, cons
   for (int64_t s = begin; s < end; ++s) {
     const int64_t ctx = ctx_lens[s];
     const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-    for (int64_t hq = 0; hq < H; ++hq) {
-      const scalar_t* src = q + (s * H + hq) * D;
-      for (int64_t d = 0; d < D; ++d) qf[hq * D + d] = static_cast<float>(src[d]) * (softcap > 0 ? 1.0f : scale);
-      m[hq] = -std::numeric_limits<float>::infinity();
-      l[hq] = 0.0f;
-    }
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    start_sequence(q + s * H * D, H, D, scale, softcap, qf.data(), m.data(), l.data(), acc.data());
     for (int64_t b = first / block_size; b * block_size < ctx; ++b) {
       const int64_t block = tables[s * max_blocks + b];
       const int64_t t0 = std::max(first, b * block_size), t1 = std::min(ctx, (b + 1) * block_size);
@@ -175,18 +211,8 @@ void decode_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, cons
         const float* qh = qf.data() + hq * D;
         const float* kh = kf + (hq / group) * D;
         float* sh = sc.data() + hq * block_size;
-        float best = m[hq];
-        for (int64_t t = 0; t < n; ++t) {
-          float x = dot(qh, kh + t * row_elems, D);
-          if (softcap > 0) x = std::tanh(x * scale / softcap) * softcap;
-          sh[t] = x;
-          best = std::max(best, x);
-        }
-        const float corr = std::exp(m[hq] - best);  // exp(-inf) = 0 on the first block
-        float* ah = acc.data() + hq * D;
-        for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
-        l[hq] = l[hq] * corr + exp_shifted(sh, n, best);
-        m[hq] = best;
+        for (int64_t t = 0; t < n; ++t) sh[t] = dot(qh, kh + t * row_elems, D);
+        softmax_block(sh, n, scale, softcap, m[hq], l[hq], acc.data() + hq * D, D);
       }
       const float* vf = as_float(vc + base, kv.data(), n * row_elems);
       for (int64_t h = 0; h < num_kv_heads; ++h)
@@ -194,11 +220,7 @@ void decode_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, cons
       for (int64_t hq = 0; hq < H; ++hq)
         accumulate(acc.data() + hq * D, sc.data() + hq * block_size, rows.data() + (hq / group) * block_size, n, D);
     }
-    for (int64_t hq = 0; hq < H; ++hq) {
-      scalar_t* dst = out + (s * H + hq) * D;
-      const float inv = 1.0f / l[hq];
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[hq * D + d] * inv);
-    }
+    finish_sequence(acc.data(), l.data(), H, D, out + s * H * D);
   }
 }
 
@@ -249,10 +271,7 @@ inline void block_scores(const float* q, const scalar_t* k, int64_t stride, int6
     const scalar_t* r = k + t * stride;
     __m256 a = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(r + d), a);
-    __m256 p[8] = {a, a, a, a, a, a, a, a};
-    alignas(32) float s[8];
-    _mm256_store_ps(s, lane_sums8(p));
-    scores[t] = s[0];
+    scores[t] = hsum8(a);
   }
 }
 
@@ -296,13 +315,7 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
   for (int64_t s = begin; s < end; ++s) {
     const int64_t ctx = ctx_lens[s];
     const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-    for (int64_t hq = 0; hq < H; ++hq) {
-      const scalar_t* src = q + (s * H + hq) * D;
-      for (int64_t d = 0; d < D; ++d) qf[hq * D + d] = static_cast<float>(src[d]) * (softcap > 0 ? 1.0f : scale);
-      m[hq] = -std::numeric_limits<float>::infinity();
-      l[hq] = 0.0f;
-    }
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    start_sequence(q + s * H * D, H, D, scale, softcap, qf.data(), m.data(), l.data(), acc.data());
     const int64_t* table = tables + s * max_blocks;
     for (int64_t b = first / block_size; b * block_size < ctx; ++b) {
       const int64_t t0 = std::max(first, b * block_size), t1 = std::min(ctx, (b + 1) * block_size);
@@ -330,19 +343,8 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
           block_scores(qf.data() + hq * D, kc + base + tc * row_elems + (hq / group) * D, row_elems,
                        std::min<int64_t>(8, n - tc), D, sc.data() + hq * block_size + tc);
         }
-      for (int64_t hq = 0; hq < H; ++hq) {
-        float* sh = sc.data() + hq * block_size;
-        if (softcap > 0)
-          for (int64_t t = 0; t < n; ++t) sh[t] = std::tanh(sh[t] * scale / softcap) * softcap;
-        float best = m[hq];
-        for (int64_t t = 0; t < n; ++t) best = std::max(best, sh[t]);
-        const float corr = std::exp(m[hq] - best);  // exp(-inf) = 0 on the first block
-        float* ah = acc.data() + hq * D;
-        if (corr != 1.0f)
-          for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
-        l[hq] = l[hq] * corr + exp_shifted(sh, n, best);
-        m[hq] = best;
-      }
+      for (int64_t hq = 0; hq < H; ++hq)
+        softmax_block(sc.data() + hq * block_size, n, scale, softcap, m[hq], l[hq], acc.data() + hq * D, D);
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         const scalar_t* vh = vc + base + h * D;
         for (int64_t g0 = 0; g0 < group; g0 += 3) {
@@ -358,11 +360,7 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
         }
       }
     }
-    for (int64_t hq = 0; hq < H; ++hq) {
-      scalar_t* dst = out + (s * H + hq) * D;
-      const float inv = 1.0f / l[hq];
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[hq * D + d] * inv);
-    }
+    finish_sequence(acc.data(), l.data(), H, D, out + s * H * D);
   }
 }
 #endif
