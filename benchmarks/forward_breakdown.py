@@ -18,7 +18,6 @@ import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from workload import GRPO, LONG, conversations  # noqa: E402
