@@ -171,7 +171,7 @@ class ModelRunner:
 
     @contextmanager
     def model_modes(self):
-        """What the model runs under in an engine step (paged attention, eval mode, the CPU GEMM mode)."""
+        """What the model runs under in an engine step (paged attention, eval mode, the packed CPU GEMMs)."""
         gemm = nullcontext() if self._gemm is None else self._gemm.on_linear_modules(self.model)
         with _paged_attention(self._attn_configs), _eval_mode(self.model), gemm:
             yield
