@@ -30,17 +30,16 @@ class PagedAttentionMetadata:
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]
 
 
-def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            sliding_window=None, softcap=None, rollserve_meta: PagedAttentionMetadata = None,
-                            **kwargs):
-    """query: [1, Hq, T, D]; key/value: [1, Hkv, T, D]. Returns ([1, T, Hq, D], None)."""
-    if rollserve_meta is None:
-        raise RuntimeError("rollserve paged attention called outside a rollserve engine step")
-    meta = rollserve_meta
-    k_cache, v_cache = meta.kv_cache.layer(module.layer_idx)
-    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H, D]
+def paged_attention(meta: PagedAttentionMetadata, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, scale: float, sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """One layer's attention for a packed step. q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns [T, Hq, D].
+
+    Writes the step's K/V into the layer's cache at `meta.slot_mapping` first, then attends: the first
+    `meta.num_decodes` tokens over their sequences' blocks, the prefill chunks causally.
+    """
+    k_cache, v_cache = meta.kv_cache.layer(layer_idx)
     meta.ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     nd = meta.num_decodes
     parts = []
     if nd:
@@ -50,7 +49,21 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         parts.append(meta.ops.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta.prefill_query_lens,
                                       meta.prefill_context_lens, meta.prefill_block_tables, scale, sliding_window,
                                       softcap))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, Hq, D]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, rollserve_meta: PagedAttentionMetadata = None,
+                            **kwargs):
+    """The `AttentionInterface` function: `paged_attention` on HF's layout.
+
+    query: [1, Hq, T, D]; key/value: [1, Hkv, T, D]. Returns ([1, T, Hq, D], None).
+    """
+    if rollserve_meta is None:
+        raise RuntimeError("rollserve paged attention called outside a rollserve engine step")
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H, D]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = paged_attention(rollserve_meta, module.layer_idx, q, k, v, scale, sliding_window, softcap)
     return out.unsqueeze(0), None
 
 

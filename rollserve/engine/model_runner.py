@@ -1,4 +1,4 @@
-"""Packs a scheduled batch into one varlen row, runs the HF module, returns logits."""
+"""Packs a scheduled batch into one varlen row, runs the model (the lean forward or the HF module), returns logits."""
 
 from contextlib import contextmanager, nullcontext
 
@@ -9,6 +9,7 @@ from ..kernels.cpu_gemm import CpuGemm
 from .attention import ATTENTION_NAME, PagedAttentionMetadata, register
 from .cuda_graphs import DecodeGraphs, capture_sizes, use_cuda_graphs
 from .kv_cache import PagedKVCache
+from .lean_forward import LeanForward
 from .scheduler import SchedulerOutput
 
 
@@ -66,6 +67,7 @@ class ModelRunner:
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         self._attn_configs = [c for c in configs.values() if hasattr(c, "_attn_implementation")]
         self._gemm = CpuGemm.for_model(self.dtype, self.device)
+        self._lean = LeanForward.for_model(model, self._gemm)
         max_blocks = min(-(-max_model_len // block_size), num_blocks)
         self.decode_graphs = (DecodeGraphs(self, capture_sizes(max_num_seqs), max_blocks, scratch_block=num_blocks)
                               if graphs else None)
@@ -177,7 +179,13 @@ class ModelRunner:
             yield
 
     def call_model(self, input_ids, positions, meta, logits_to_keep) -> torch.Tensor:
-        """The HF module on one packed row; float32 logits of the rows `logits_to_keep` (a tensor, or 0: all)."""
+        """The model on one packed row; float32 logits of the rows `logits_to_keep` (a tensor, or 0: all).
+
+        The lean forward where it applies this step (`engine.lean_forward`), else the HF module.
+        """
+        if self._lean is not None and self._lean.applies():
+            with _eval_mode(self.model):
+                return self._lean(input_ids, positions, meta, logits_to_keep).float()
         with self.model_modes():
             out = self.model(
                 input_ids=input_ids[None],

@@ -13,6 +13,8 @@ loaded only if that build is there (a stale build is rebuilt), and
   to three query heads per pass, and the next block is prefetched into L2 while
   this one is scored: at long contexts the kernel then reads K/V at about the
   machine's memory bandwidth (benchmarks/RESULTS.md).
+- `add_rms_norm`, `rope`: a decoder layer's residual add + RMSNorm and rotary embedding in one pass each,
+  bit-equal to HF's modules (csrc/layer_ops.cpp); the lean forward (`engine/lean_forward.py`) uses them.
 """
 
 import os
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 NAME = "rollserve_cpu_kernels"
-SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("module.cpp", "paged_decode.cpp", "layer_ops.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -35,8 +38,11 @@ def build(verbose: bool = False):
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    return load(NAME, [str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=verbose)
+    # -ffp-contract=off: no product and sum fused into one FMA unless the source says so (layer_ops.cpp
+    # rounds where HF's modules round)
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+    return load(NAME, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=verbose)
 
 
 @lru_cache(maxsize=1)

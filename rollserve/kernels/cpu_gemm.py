@@ -65,9 +65,10 @@ class CpuGemm(TorchFunctionMode):
         self.dtype = dtype
         self.compute = torch.float32 if needs_fp32_gemm(dtype, torch.device("cpu")) else dtype
         self.packed = _packs(self.compute)
-        # (id(weight), packed?) -> (weakref to it, (version, data_ptr), derived copy): the weakref tells a
-        # reused id apart
-        self._copies: dict[tuple[int, bool], tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+        # ((id(weight), ...), packed?) -> (weakrefs to them, their (version, data_ptr)s, derived copy): the
+        # weakrefs tell a reused id apart
+        self._copies: dict[tuple[tuple[int, ...], bool],
+                           tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...], torch.Tensor]] = {}
 
     @classmethod
     def for_model(cls, dtype: torch.dtype, device: torch.device) -> "CpuGemm | None":
@@ -80,27 +81,42 @@ class CpuGemm(TorchFunctionMode):
     def invalidate(self) -> None:
         self._copies.clear()
 
-    def _derived(self, t: torch.Tensor, pack: bool) -> torch.Tensor:
-        key, stamp = (id(t), pack), (t._version, t.data_ptr())
+    def _derived(self, ts: tuple[torch.Tensor, ...], pack: bool) -> torch.Tensor:
+        """The compute-dtype copy of `ts` concatenated along dim 0 (packed if `pack`), rebuilt when any changed."""
+        key, stamp = (tuple(id(t) for t in ts), pack), tuple((t._version, t.data_ptr()) for t in ts)
         hit = self._copies.get(key)
-        if hit is None or hit[0]() is not t or hit[1] != stamp:
-            copy = t.detach().to(self.compute)
+        if hit is None or hit[1] != stamp or any(ref() is not t for ref, t in zip(hit[0], ts)):
+            copy = (ts[0] if len(ts) == 1 else torch.cat(ts)).detach().to(self.compute)
             if pack:
                 copy = torch.ops.mkldnn._reorder_linear_weight(copy, None)
-            hit = (weakref.ref(t), stamp, copy)
+            hit = (tuple(weakref.ref(t) for t in ts), stamp, copy)
             self._copies[key] = hit
         return hit[2]
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """`F.linear(x, weight, bias)` as described above, or None for a call that runs unchanged."""
-        if not (x.dtype == weight.dtype == self.dtype and weight.device.type == "cpu" and weight.dim() == 2):
+        return self.linear_cat(x, (weight,), None if bias is None else (bias,))
+
+    def linear_cat(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...],
+                   biases: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | None:
+        """`F.linear(x, cat(weights), cat(biases))`: several projections of one input as one GEMM.
+
+        The concatenated (packed) copy is derived and refreshed like a single weight's. Returns None for a
+        call that `linear` would run unchanged; the caller then runs the projections one by one.
+        """
+        weight = weights[0]
+        if not (x.dtype == self.dtype and weight.device.type == "cpu"
+                and all(w.dtype == self.dtype and w.dim() == 2 and w.device == weight.device for w in weights)):
             return None
-        records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        records = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
         pack = self.packed and not records  # the packed op has no autograd formula
         if not (pack or self.compute != self.dtype):
             return None
-        w = self._derived(weight, pack)
-        b = None if bias is None else (bias if bias.dtype == self.compute else self._derived(bias, False))
+        w = self._derived(tuple(weights), pack)
+        b = None
+        if biases is not None:
+            b = biases[0] if len(biases) == 1 and biases[0].dtype == self.compute else self._derived(tuple(biases),
+                                                                                                      False)
         xc = x.to(self.compute)
         out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "") if pack else F.linear(xc, w, b)
         return out.to(x.dtype)

@@ -62,3 +62,41 @@ def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
     out = cpu_ext.paged_decode_attention_ext(strided, data[1, 0], data[1, 1], tables, lens, 0.125)
     torch.testing.assert_close(out, paged_decode_attention(query, k_cache, v_cache, tables, lens, 0.125),
                                atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [7, 15, 64, 100, 576, 2048, 5120])
+def test_add_rms_norm_is_bit_equal_to_the_hf_module(width, dtype):
+    """Widths below, at and between torch's vector width and long enough for the sum's cascade levels."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from rollserve.engine.lean_forward import _SUM_LANES
+
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(33, width, generator=gen) * torch.rand(33, 1, generator=gen) * 8).to(dtype)
+    residual = torch.randn(33, width, generator=gen).to(dtype)
+    norm = LlamaRMSNorm(width, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+        total, out = cpu_ext.extension().add_rms_norm(x, residual, norm.weight, 1e-6, _SUM_LANES)
+        alone, out_alone = cpu_ext.extension().add_rms_norm(x, None, norm.weight, 1e-6, _SUM_LANES)
+        assert torch.equal(total, residual + x) and torch.equal(alone, x)
+        assert torch.equal(out, norm(residual + x))
+        assert torch.equal(out_alone, norm(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_is_bit_equal_to_hf_apply_rotary_pos_emb(dtype):
+    """On a strided [T, H, D] view (a slice of the fused q/k/v output), as the lean forward passes it."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(21, 9 + 3 + 3, 64, generator=gen).to(dtype)
+    q = qkv[:, :9]
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=576, num_attention_heads=9, head_dim=64))
+    positions = torch.randint(0, 2000, (1, 21), generator=gen)
+    cos, sin = rotary(qkv[None], positions)
+    out = cpu_ext.extension().rope(q, cos[0], sin[0])
+    ref, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos, sin)
+    assert out.is_contiguous() and torch.equal(out, ref[0].transpose(0, 1))

@@ -407,7 +407,3 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention, in place over block tables");
-}
