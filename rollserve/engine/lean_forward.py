@@ -1,22 +1,25 @@
 """A lean CPU forward for Llama-family decoders, on the HF module's own submodules and parameters.
 
-The HF forward of a 30-layer model costs ~20-45 ms per engine step on these CPUs beyond its GEMMs and
-attention: decorators, keyword plumbing, a causal mask the paged attention never reads, layout
-transposes, rotary embedding applied to q and k separately, seven GEMM calls per layer. This forward
-runs the same arithmetic with less around it:
+Beyond its GEMMs and attention, the HF forward of a 30-layer model cost ~25-45 ms per engine step on these
+2-core CPUs: decorators and keyword plumbing, a causal mask the paged attention never reads, layout
+transposes, seven GEMM calls per layer, and five to seven small torch ops for each norm and rotary
+embedding, each a pass over activations that the other core's GEMM threads just wrote. This forward runs the
+same arithmetic with less around it, and its logits are bit-equal to the HF forward's (tests/engine/
+test_lean_forward.py):
 
-- q/k/v and gate/up each as one GEMM on a concatenated packed copy (`CpuGemm.linear_cat`: refreshed
-  from the weights' version counters like every packed copy, so in-place updates are seen by the next
-  step; bit-equal to the separate GEMMs on oneDNN, checked in the tests);
-- the norms, embedding, rotary embedding, activation and any non-plain linear (LoRA) are the model's own
-  modules, called directly; the elementwise ops between them are HF's, in HF's order (rope as
-  `q * cos + rotate_half(q) * sin`, `residual + out`), so results match the HF forward;
-- attention is `attention.paged_attention` on [T, H, D] tensors.
+- q/k/v and gate/up each as one GEMM on a concatenated packed copy (`CpuGemm.linear_cat`: refreshed from
+  every weight's version counter like each packed copy, so in-place updates are seen by the next step;
+  bit-equal to the separate GEMMs on oneDNN);
+- residual add + RMSNorm and the rotary embedding in one C++ pass each (`kernels/csrc/layer_ops.cpp`,
+  rounding where HF's ops round; the norm's sum of squares in torch's own summation order, checked once per
+  width against torch's ops), where the extension is built; HF's modules and ops otherwise;
+- the embedding, rotary embedding, activation and any linear that is not a plain `nn.Linear` (LoRA) are
+  the model's own modules, called directly; attention is `attention.paged_attention` on [T, H, D] tensors.
 
-It runs only where it is known to be the same computation: the model is one of `FAMILIES` with their own
-classes and forwards (not patched since import), no module has hooks (DeepSpeed ZeRO-3, user hooks) and
-the model is on the CPU. `LeanForward.applies` checks that at every step; anything else takes the HF
-forward. On a GPU the HF forward runs (CUDA graphs take the per-step Python away there).
+It runs where it reproduces the model's own computation: an architecture of `families()` whose classes'
+forwards are not patched since import, on the CPU, with no hook or instance forward on the modules whose
+forward it stands in for (`LeanForward.applies`, checked at every step); anything else takes the HF forward.
+On a GPU the HF forward runs (CUDA graphs take the per-step Python away there).
 `ROLLSERVE_LEAN_FORWARD=0` turns it off (the HF forward every step, e.g. to compare the two).
 """
 
@@ -81,8 +84,24 @@ def families() -> dict[type, Family]:
     return out
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """Whether `m` runs its class's forward: no instance forward, or one that only binds the class's again
+    (as TRL's trainer leaves on the model it trains)."""
+    f = m.__dict__.get("forward")
+    return f is None or getattr(f, "__func__", None) is type(m).forward and getattr(f, "__self__", None) is m
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _bare(m: nn.Module) -> bool:
+    """Its class's forward and no hooks: what the lean forward may compute in its stead."""
+    return _own_forward(m) and not _hooked(m)
+
+
 def _plain_linear(m) -> bool:
-    return type(m) is nn.Linear and "forward" not in m.__dict__
+    return type(m) is nn.Linear and _bare(m)
 
 
 # The float vector width of torch's CPU sum kernel, whose order of additions the C++ RMSNorm follows (8 on
@@ -129,7 +148,6 @@ class LeanForward:
         dtype = next(model.parameters()).dtype
         # the C++ residual-add + RMSNorm and rotary kernels (kernels/csrc/layer_ops.cpp), where built
         self.ext = cpu_ext.extension() if dtype in cpu_ext.DTYPES else None
-        self.ext_norm = self.ext is not None and _norm_kernel_matches(self.ext, model.model.norm)
 
     @classmethod
     def for_model(cls, model: nn.Module, gemm: CpuGemm | None) -> "LeanForward | None":
@@ -140,7 +158,15 @@ class LeanForward:
         return cls(model, gemm)
 
     def applies(self) -> bool:
-        """Whether this step can take the lean forward: the structure it reproduces, no hooks anywhere."""
+        """Whether this step can take the lean forward: the classes it reproduces, unpatched and without hooks.
+
+        The modules whose forward it reproduces are the model, its base model and each layer's decoder,
+        attention and MLP; a hook on one of them (DeepSpeed ZeRO-3's parameter gathering, a user's) or their
+        own instance forward sends the step to the HF module. The top-level model's instance forward is the
+        exception: the engine never calls it (the HF path neither needs nor wants a trainer's wrapper of it:
+        TRL's fused-LM-head forward, accelerate's output casting). The leaves it calls (embedding, rotary
+        embedding, activation, norms and linears with hooks or their own forward) run as modules, hooks and all.
+        """
         fam, model = self.family, self.model
         if any(c.forward is not f for c, f in fam.forwards):  # patched since import (e.g. a kernel library)
             return False
@@ -149,14 +175,12 @@ class LeanForward:
         base = getattr(model, "model", None)
         if type(base) is not fam.forwards[1][0] or not isinstance(getattr(model, "lm_head", None), nn.Module):
             return False
-        for m in model.modules():
-            if m._forward_hooks or m._forward_pre_hooks or ("forward" in m.__dict__ and not isinstance(m, nn.Linear)):
-                return False
         layers = base.layers[: base.config.num_hidden_layers]
-        return len(layers) > 0 and type(base.norm) is fam.norm and all(
-            type(layer) is fam.decoder and type(layer.self_attn) is fam.attention and type(layer.mlp) is fam.mlp
-            and type(layer.input_layernorm) is fam.norm and type(layer.post_attention_layernorm) is fam.norm
-            for layer in layers)
+        if not len(layers) or not all(type(layer) is fam.decoder and type(layer.self_attn) is fam.attention
+                                      and type(layer.mlp) is fam.mlp for layer in layers):
+            return False
+        reproduced = [base] + [m for layer in layers for m in (layer, layer.self_attn, layer.mlp)]
+        return not _hooked(model) and all(_bare(m) for m in reproduced)
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.gemm is not None and _plain_linear(module):
@@ -178,7 +202,8 @@ class LeanForward:
 
     def _add_norm(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
         """(x + residual, norm(x + residual)); (x, norm(x)) without a residual."""
-        if self.ext_norm and norm.weight.dtype == x.dtype and _norm_sums_rows_whole(x):
+        if (self.ext is not None and type(norm) is self.family.norm and _bare(norm) and norm.weight.dtype == x.dtype
+                and _norm_sums_rows_whole(x) and _norm_kernel_matches(self.ext, norm)):
             return self.ext.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon, _SUM_LANES)
         if residual is not None:
             x = x + residual

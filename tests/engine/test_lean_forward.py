@@ -69,11 +69,10 @@ def test_lean_forward_is_bit_equal_to_the_hf_forward(arch, kernels, tiny_model, 
     assert lean is not None and lean.applies()
     if kernels == "torch ops":
         monkeypatch.setattr(lean, "ext", None)
-        monkeypatch.setattr(lean, "ext_norm", False)
     else:
         if lean.ext is None:
             pytest.skip("the CPU extension is not built")
-        assert lean.ext_norm  # the start-up check found the C++ RMSNorm bit-equal here
+        assert lean_forward._norm_kernel_matches(lean.ext, lean.model.model.norm)  # bit-equal on this CPU
     got = _step_logits(llm, prompts)
     assert calls["lean"] == len(got) > 4
     llm.engine.runner._lean = None  # the HF module from here on
@@ -93,9 +92,10 @@ def test_lean_forward_in_bf16_equals_the_hf_forward(tiny_model, make_prompts):
         assert torch.equal(g, e)
 
 
-def test_hooks_and_patched_modules_take_the_hf_forward(tiny_model, make_prompts, monkeypatch):
-    """A forward hook (DeepSpeed ZeRO-3 gathers parameters in them) or an instance's own forward is something
-    the lean forward would skip: those steps run the HF module, and the lean one comes back after."""
+def test_hooks_on_what_it_reproduces_take_the_hf_forward(tiny_model, make_prompts, monkeypatch):
+    """A hook or an instance forward on a module whose forward the lean one reproduces (a decoder layer, its
+    attention or MLP; DeepSpeed ZeRO-3 gathers parameters in such hooks) sends those steps to the HF module;
+    the lean forward comes back once it is gone."""
     calls = _count_calls(monkeypatch)
     model = tiny_model("llama")
     llm = _engine(model)
@@ -108,16 +108,51 @@ def test_hooks_and_patched_modules_take_the_hf_forward(tiny_model, make_prompts,
     hooked = _step_logits(llm, prompts)
     assert calls["lean"] == 0 and len(seen) == len(hooked)  # every step ran the HF module, hook and all
     handle.remove()
-    norm = model.model.layers[0].input_layernorm
-    norm.forward = lambda x: type(norm).forward(norm, x)
+    attn = model.model.layers[0].self_attn
+    attn.forward = lambda *a, **k: type(attn).forward(attn, *a, **k)
     patched = _step_logits(llm, prompts)
     assert calls["lean"] == 0
-    del norm.forward
-    assert llm.engine.runner._lean.applies()
+    del attn.forward
     again = _step_logits(llm, prompts)
     assert calls["lean"] == len(again)
     for a, b, c, d in zip(first, hooked, patched, again):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+
+
+def test_leaves_run_as_modules_and_the_top_level_wrapper_is_not_needed(tiny_model, make_prompts, monkeypatch):
+    """What TRL's trainer leaves on the model it shares with the engine: a forward hook on the input embedding
+    (`enable_input_require_grads`) and a wrapper of the top-level forward (its fused-LM-head patch). The lean
+    forward still runs, the embedding's hook with it; so does a norm's or a linear's own forward."""
+    calls = _count_calls(monkeypatch)
+    model = tiny_model("llama")
+    llm = _engine(model)
+    prompts = make_prompts([9, 4], seed=7)
+    expected = _step_logits(llm, prompts)
+    seen = {"embed": 0, "norm": 0, "linear": 0, "top": 0}
+    model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.__setitem__("embed", seen["embed"] + 1))
+    forward = model.forward
+
+    def wrapper(*a, **k):
+        seen["top"] += 1
+        return forward(*a, **k)
+
+    model.forward = wrapper
+    norm, linear = model.model.layers[1].post_attention_layernorm, model.model.layers[0].mlp.up_proj
+
+    def norm_forward(x):
+        seen["norm"] += 1
+        return type(norm).forward(norm, x)
+
+    def linear_forward(x):
+        seen["linear"] += 1
+        return type(linear).forward(linear, x)
+
+    norm.forward, linear.forward = norm_forward, linear_forward
+    calls["lean"] = 0
+    got = _step_logits(llm, prompts)
+    assert calls["lean"] == len(got) == seen["embed"] == seen["norm"] == seen["linear"] and seen["top"] == 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)  # up_proj alone: F.linear, not the fused packed GEMM
 
 
 def test_a_module_patched_at_class_level_takes_the_hf_forward(tiny_model, monkeypatch):
@@ -159,7 +194,8 @@ def test_other_architectures_and_the_switch_take_the_hf_forward(tiny_model, monk
 
 
 def test_norm_kernel_check_rejects_another_summation_order(monkeypatch):
-    """The start-up check is what keeps the C++ RMSNorm off where torch sums in another order."""
+    """The check (once per width, dtype and eps) is what keeps the C++ RMSNorm off where torch sums in another
+    order."""
     from rollserve.kernels import cpu_ext
 
     ext = cpu_ext.extension()

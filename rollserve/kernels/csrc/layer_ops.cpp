@@ -4,7 +4,7 @@
 // theirs is (the extension is built with -ffp-contract=off, so none is fused into an FMA), and the RMSNorm's
 // sum of squares is added up in the order of torch's own CPU sum (ATen's cascade_sum for a contiguous row,
 // whose order depends on the vector width of its sum kernel: `lanes`, 8 on x86 with AVX2 and AVX512 dispatch
-// alike). The engine checks the bit equality on the model's own width before it uses the kernel.
+// alike). The engine checks the bit equality at the model's own width before it uses the kernel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
