@@ -108,8 +108,9 @@ class CpuGemm(TorchFunctionMode):
         if not (x.dtype == self.dtype and weight.device.type == "cpu"
                 and all(w.dtype == self.dtype and w.dim() == 2 and w.device == weight.device for w in weights)):
             return None
-        records = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-        pack = self.packed and not records  # the packed op has no autograd formula
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return None  # autograd records it: the derived copies are detached and the packed op has no gradient
+        pack = self.packed
         if not (pack or self.compute != self.dtype):
             return None
         w = self._derived(tuple(weights), pack)

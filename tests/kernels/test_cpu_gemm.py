@@ -117,10 +117,13 @@ def test_invalidate_for_writers_that_bypass_the_version_counter(tiny_model, monk
     torch.testing.assert_close(_logits(model, ids, mode), expected, atol=1e-5, rtol=0)
 
 
-def test_calls_autograd_records_run_unchanged(monkeypatch):
-    mode = _mode("packed", torch.float32, monkeypatch)
-    weight = torch.randn(8, 16, requires_grad=True)
-    x = torch.randn(4, 16)
+@pytest.mark.parametrize("kernel, dtype", [("packed", torch.float32), ("upcast", torch.bfloat16),
+                                           ("upcast+packed", torch.bfloat16)])
+def test_calls_autograd_records_run_unchanged(kernel, dtype, monkeypatch):
+    """Gradients reach the weight (the derived copies are detached) and nothing is derived for such a call."""
+    mode = _mode(kernel, dtype, monkeypatch)
+    weight = torch.randn(8, 16, dtype=dtype, requires_grad=True)
+    x = torch.randn(4, 16, dtype=dtype)
     with mode:
         F.linear(x, weight).sum().backward()
     torch.testing.assert_close(weight.grad, x.sum(0).expand(8, 16))
