@@ -9,7 +9,9 @@ prompts x n=8, T=1, 128 new tokens with ignore_eos; `--long` is 16 prompts x
 n=4 x 1024 tokens. rollserve runs in this process; each peer runs in its own
 process (benchmarks/peer.py) under `--peer-timeout`: one that does not finish
 in time is reported as such, not as a crash. vLLM's CPU build runs in its own
-venv, made on first use (benchmarks/vllm_venv.py).
+venv, made on first use (benchmarks/vllm_venv.py). Both rollserve and vLLM get
+a KV cache of KV_CACHE_GIB (4 GiB), which holds the --long workload whole in
+fp32; rollserve's line counts its preemptions.
 
 Prints completion tokens/s for each engine and its ratio to rollserve, the
 GEMM-only ceiling (benchmarks/gemm_ceiling.py: the model's linear layers for
@@ -48,7 +50,9 @@ SAMPLING = {
 }
 PEERS = ("vllm", "hf-cb", "hf")
 MAX_NUM_SEQS = 256
-VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+KV_CACHE_GIB = 4  # the KV cache of both rollserve and vLLM: the --long workload (64 x ~1040 tokens) fits in it
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
 
 
 class _Timed:
@@ -65,8 +69,8 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
-def run_rollserve(llm: LLM, w: Workload, sampling: str) -> tuple[float, int, dict]:
-    """Returns (tokens/s, tokens, {part: share of the run}) for one timed `chat` call."""
+def run_rollserve(llm: LLM, w: Workload, sampling: str) -> tuple[float, int, dict, int]:
+    """Returns (tokens/s, tokens, {part: share of the run}, preemptions) for one timed `chat` call."""
     params = SamplingParams(n=w.n, temperature=w.temperature, max_tokens=w.max_tokens, ignore_eos=w.ignore_eos,
                             **SAMPLING[sampling])
     llm.chat(conversations(2), SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
@@ -75,6 +79,7 @@ def run_rollserve(llm: LLM, w: Workload, sampling: str) -> tuple[float, int, dic
     sampler, batch_cls, forward = _Timed(engine.sampler), _Timed(llm_engine.SamplingBatch), _Timed(runner.forward)
     step = _Timed(engine.step)
     engine.sampler, llm_engine.SamplingBatch, runner.forward, engine.step = sampler, batch_cls, forward, step
+    preempted = llm.metrics()["num_preemptions"]
     try:
         start = time.perf_counter()
         outs = llm.chat(conversations(w.num_prompts), params, use_tqdm=False)
@@ -86,7 +91,8 @@ def run_rollserve(llm: LLM, w: Workload, sampling: str) -> tuple[float, int, dic
     sampling_s = sampler.seconds + batch_cls.seconds
     shares = {"forward": forward.seconds, "sampler": sampling_s, "rest of step": step.seconds - forward.seconds
               - sampling_s, "outside steps": elapsed - step.seconds}
-    return tokens / elapsed, tokens, {k: v / elapsed for k, v in shares.items()}
+    preempted = llm.metrics()["num_preemptions"] - preempted
+    return tokens / elapsed, tokens, {k: v / elapsed for k, v in shares.items()}, preempted
 
 
 def run_peer(engine: str, model: str, dtype: str, w: Workload, timeout: float, hf_batch: int) -> dict:
@@ -141,14 +147,15 @@ def main() -> None:
     rows = min(w.num_seqs, MAX_NUM_SEQS)
     print(f"workload {w.describe()}; torch threads={torch.get_num_threads()}; {_load()}", flush=True)
     for dtype in args.dtype:
-        llm = LLM(path, dtype=dtype, seed=0, max_num_seqs=MAX_NUM_SEQS)
+        llm = LLM(path, dtype=dtype, seed=0, max_num_seqs=MAX_NUM_SEQS, kv_cache_memory=f"{KV_CACHE_GIB}GiB")
         results = {}
         for sampling in args.sampling:
-            tps, tokens, shares = run_rollserve(llm, w, sampling)
+            tps, tokens, shares, preempted = run_rollserve(llm, w, sampling)
             name = "rollserve" if sampling == "plain" else f"rollserve ({sampling})"
             results[name] = {"tokens": tokens, "seconds": tokens / tps}
             print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
-                  + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items()) + f"; {_load()}", flush=True)
+                  + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items())
+                  + f"; {preempted} preemptions; {_load()}", flush=True)
         step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
         plain_s = gemm_step_seconds(llm.model, rows)
         del llm
