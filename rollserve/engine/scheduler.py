@@ -13,11 +13,15 @@ recomputes, finding what the prefix cache still holds. A parked entry keeps its 
 ids) until it is resumed or released, with or without its blocks.
 """
 
+import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+
+LOG = logging.getLogger("rollserve.scheduler")
+WARN_EVERY = 50  # preemptions between two warnings (the first one warns)
 
 
 @dataclass
@@ -165,6 +169,12 @@ class Scheduler:
         else:
             self.waiting.append(seq)
         self.stats.num_preemptions += 1
+        if self.stats.num_preemptions % WARN_EVERY == 1:
+            bm = self.block_manager
+            LOG.warning("a sequence was preempted (its KV freed, to be recomputed): the KV cache's %d blocks of %d "
+                        "tokens are full with %d sequences running; raise kv_cache_memory or lower max_num_seqs "
+                        "(%d preemptions so far)", bm.num_blocks, bm.block_size, len(self.running),
+                        self.stats.num_preemptions)
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Put `children` (forked from `parent`, which stays) right after it, running or waiting like it."""

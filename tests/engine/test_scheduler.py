@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from rollserve.engine.block_manager import BlockManager
-from rollserve.engine.scheduler import Scheduler, SchedulerOutput
+from rollserve.engine.scheduler import WARN_EVERY, Scheduler, SchedulerOutput
 from rollserve.engine.sequence import Sequence, SequenceStatus
 
 PARAMS = SimpleNamespace(n=1)  # the scheduler never looks at params
@@ -404,6 +404,23 @@ def test_preempts_several_most_recent_first():
     assert sched.stats.num_preemptions == 2
     assert list(sched.waiting) == [seqs[1], seqs[2]]  # original order kept at the front
     assert sched.running == [seqs[0]]
+
+
+@pytest.mark.parametrize("before, warns", [(0, True), (1, False), (WARN_EVERY - 1, False), (WARN_EVERY, True)])
+def test_preemption_warns_on_the_first_and_every_so_many_naming_the_setting(before, warns, caplog):
+    sched = make_scheduler(num_blocks=4, max_num_batched_tokens=64)
+    eng = Engine(sched)
+    sched.add(make_seq(range(8), request_id="a"))  # 2 full blocks each
+    sched.add(make_seq(range(100, 108), request_id="b"))
+    eng.step()
+    sched.stats.num_preemptions = before
+    with caplog.at_level("WARNING", logger="rollserve.scheduler"):
+        eng.step()  # a needs a third block: b goes
+    assert sched.stats.num_preemptions == before + 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "rollserve.scheduler"]
+    assert len(warned) == int(warns)
+    if warns:
+        assert "kv_cache_memory" in warned[0] and "4 blocks" in warned[0] and f"{before + 1} preemptions" in warned[0]
 
 
 def test_sequence_preempts_itself_when_it_is_last():
