@@ -105,10 +105,16 @@ def test_iter_episodes_yields_prompts_as_they_finish_seeded_as_in_the_whole_set(
 
 
 def test_closing_iter_episodes_early_aborts_and_releases(llm):
-    episodes = iter_episodes(llm, [PROMPT + f" Game {i}." for i in range(4)], GuessTheNumber,
+    made = []
+
+    def env():  # the second episode's environment is slow: it is still out (its KV parked) when the first ends
+        made.append(GuessTheNumber(delay=1.0 if len(made) == 1 else 0.0))
+        return made[-1]
+
+    episodes = iter_episodes(llm, [PROMPT + f" Game {i}." for i in range(4)], env,
                              SamplingParams(max_tokens=6, seed=0), max_turns=3, concurrency=2)
     first = next(episodes)
-    assert llm.has_unfinished() or llm.metrics()["num_parked"] > 0  # the other episode is still in flight
+    assert first[0].prompt_index == 0 and llm.metrics()["num_parked"] == 1  # the second, still in its env
     episodes.close()
     assert len(first) == 1 and not llm.has_unfinished() and llm.metrics()["num_parked"] == 0
 
