@@ -54,6 +54,23 @@ def test_vectorised_decode_attention_matches_the_reference(heads, sliding_window
     torch.testing.assert_close(out, ref.to(dtype), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [None, 300])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (14, 2, 64)])
+def test_vectorised_decode_attention_over_long_contexts(heads, sliding_window, dtype):
+    """Contexts of hundreds of tokens (a rollout's, where the online softmax rescales many times and every
+    block prefetches the next), and a window that starts inside the sequence."""
+    num_heads, num_kv_heads, head_dim = heads
+    lengths = [255, 256, 257, 600, 1000]
+    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths, dtype, seed=7 + num_heads)
+    scale = head_dim ** -0.5
+    out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, None)
+    ref = paged_decode_attention(*[a.double() if a.is_floating_point() else a for a in args], scale,
+                                 sliding_window, None)
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, ref.to(dtype), **tol)
+
+
 def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
     """The engine passes q as a transposed view and one layer's K (or V) of the [layers, 2, ...] cache."""
     query, k_cache, v_cache, tables, lens = _case(6, 9, 3, 64, 16, [17, 40, 3, 64, 65, 1], torch.float32, seed=7)
