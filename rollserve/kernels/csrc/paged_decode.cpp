@@ -300,6 +300,80 @@ inline void block_values(float* const* acc, const float* const* w, const scalar_
   }
 }
 
+#if defined(__AVX512F__)
+#define ROLLSERVE_AVX512_DECODE 1
+
+// 16 consecutive elements as 16 floats.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The 16 lanes of p folded to 8 (lane i + lane i+8).
+inline __m256 fold16(__m512 p) {
+  return _mm256_add_ps(_mm512_castps512_ps256(p), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+}
+
+// `block_scores` 16 floats wide, for D a multiple of 64.
+template <typename scalar_t>
+inline void block_scores16(const float* q, const scalar_t* k, int64_t stride, int64_t n, int64_t D, float* scores) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m512 p[8];
+    for (int j = 0; j < 8; ++j) p[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 64) {
+      const __m512 q0 = _mm512_loadu_ps(q + d), q1 = _mm512_loadu_ps(q + d + 16);
+      const __m512 q2 = _mm512_loadu_ps(q + d + 32), q3 = _mm512_loadu_ps(q + d + 48);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const scalar_t* r = k + (t + j) * stride + d;
+        __m512 a = _mm512_mul_ps(q0, load16(r));
+        a = _mm512_fmadd_ps(q1, load16(r + 16), a);
+        a = _mm512_fmadd_ps(q2, load16(r + 32), a);
+        p[j] = _mm512_add_ps(p[j], _mm512_fmadd_ps(q3, load16(r + 48), a));
+      }
+    }
+    __m256 h[8];
+    for (int j = 0; j < 8; ++j) h[j] = fold16(p[j]);
+    _mm256_storeu_ps(scores + t, lane_sums8(h));
+  }
+  for (; t < n; ++t) {
+    const scalar_t* r = k + t * stride;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(r + d), a);
+    scores[t] = hsum8(fold16(a));
+  }
+}
+
+// `block_values` 16 floats wide, for D a multiple of 64.
+template <int G, typename scalar_t>
+inline void block_values16(float* const* acc, const float* const* w, const scalar_t* v, int64_t stride, int64_t n,
+                           int64_t D) {
+  for (int64_t d = 0; d < D; d += 64) {
+    __m512 a[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm512_loadu_ps(acc[g] + d + 16 * i);
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t* r = v + t * stride + d;
+      const __m512 r0 = load16(r), r1 = load16(r + 16), r2 = load16(r + 32), r3 = load16(r + 48);
+      for (int g = 0; g < G; ++g) {
+        const __m512 x = _mm512_set1_ps(w[g][t]);
+        a[g][0] = _mm512_fmadd_ps(x, r0, a[g][0]);
+        a[g][1] = _mm512_fmadd_ps(x, r1, a[g][1]);
+        a[g][2] = _mm512_fmadd_ps(x, r2, a[g][2]);
+        a[g][3] = _mm512_fmadd_ps(x, r3, a[g][3]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc[g] + d + 16 * i, a[g][i]);
+  }
+}
+#endif
+
 // `decode_rows` for head_dim a multiple of 32, any of the three dtypes read in place (no float copy):
 // per block, each KV head's scores for all its query heads, then its values for up to three heads at once.
 template <typename scalar_t>
@@ -311,6 +385,9 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
   const int64_t D = head_dim, H = num_heads;
   const int64_t row_elems = num_kv_heads * D;
   const int64_t block_elems = block_size * row_elems;
+#ifdef ROLLSERVE_AVX512_DECODE
+  const bool wide = D % 64 == 0;  // the 16-wide score and value loops
+#endif
   std::vector<float> qf(H * D), acc(H * D), m(H), l(H), sc(H * block_size);
   for (int64_t s = begin; s < end; ++s) {
     const int64_t ctx = ctx_lens[s];
@@ -340,8 +417,15 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
             __builtin_prefetch(pk + ppos, 0, 2);
             __builtin_prefetch(pv + ppos, 0, 2);
           }
-          block_scores(qf.data() + hq * D, kc + base + tc * row_elems + (hq / group) * D, row_elems,
-                       std::min<int64_t>(8, n - tc), D, sc.data() + hq * block_size + tc);
+          const scalar_t* kh = kc + base + tc * row_elems + (hq / group) * D;
+          const int64_t count = std::min<int64_t>(8, n - tc);
+#ifdef ROLLSERVE_AVX512_DECODE
+          if (wide) {
+            block_scores16(qf.data() + hq * D, kh, row_elems, count, D, sc.data() + hq * block_size + tc);
+            continue;
+          }
+#endif
+          block_scores(qf.data() + hq * D, kh, row_elems, count, D, sc.data() + hq * block_size + tc);
         }
       for (int64_t hq = 0; hq < H; ++hq)
         softmax_block(sc.data() + hq * block_size, n, scale, softcap, m[hq], l[hq], acc.data() + hq * D, D);
@@ -352,7 +436,18 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
           float* a[3] = {acc.data() + hq * D, acc.data() + (hq + 1) * D, acc.data() + (hq + 2) * D};
           const float* w[3] = {sc.data() + hq * block_size, sc.data() + (hq + 1) * block_size,
                                sc.data() + (hq + 2) * block_size};
-          switch (std::min<int64_t>(3, group - g0)) {
+          const int64_t g = std::min<int64_t>(3, group - g0);
+#ifdef ROLLSERVE_AVX512_DECODE
+          if (wide) {
+            switch (g) {
+              case 3: block_values16<3>(a, w, vh, row_elems, n, D); break;
+              case 2: block_values16<2>(a, w, vh, row_elems, n, D); break;
+              default: block_values16<1>(a, w, vh, row_elems, n, D); break;
+            }
+            continue;
+          }
+#endif
+          switch (g) {
             case 3: block_values<3>(a, w, vh, row_elems, n, D); break;
             case 2: block_values<2>(a, w, vh, row_elems, n, D); break;
             default: block_values<1>(a, w, vh, row_elems, n, D); break;
