@@ -1,6 +1,8 @@
 """End-to-end generation against the plain `transformers` model: greedy equality (SmolLM2 and tiny
 architectures, fp32), bf16 agreement, chat, finish reasons, output order and seeded sampling."""
 
+import math
+
 import pytest
 import torch
 
@@ -114,25 +116,44 @@ def test_greedy_matches_hf_tiny(arch, tiny_model, make_prompts, hf_greedy):
 # -- bf16 ------------------------------------------------------------------------------------------------
 
 
+def _bf16_ulp(x: float) -> float:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 2.0 ** -133
+
+
 def test_bf16_agreement_smollm2(smollm2_path, hf_greedy):
+    """bf16 greedy decoding follows HF `generate` on the same weights until a near-tie: where the two first
+    differ, HF's own forward over the common prefix rates the engine's token within two bf16 ulps of its best.
+
+    The engine and HF round differently (fp32 accumulation in other orders, fp32 GEMMs on CPUs without bf16
+    units), so in bf16 they part at ties: measured, every first divergence on these prompts was within one
+    ulp, often an exact tie broken by token index. How far they agree before is chaotic (0.50-0.78 of the
+    24 tokens across machines, thread counts and attention builds), so it is printed, not asserted. An
+    engine that reads wrong KV entries or mis-scales attention parts at a token HF rates far lower."""
     llm = LLM(smollm2_path, dtype="bf16", kv_cache_memory=SMOL_KV)
     assert llm.model.dtype == torch.bfloat16
     tok = llm.get_tokenizer()
     prompts = ([[1]] + [_chat_ids(tok, q) for q in QUESTIONS + EXTRA_QUESTIONS] + [tok(LONG_TEXT).input_ids[:300]])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=SMOL_K, ignore_eos=True), use_tqdm=False)
-    rates = []
+    rates, gaps = [], []
     for prompt, out in zip(prompts, outs):
         got = out.outputs[0].token_ids
         assert len(got) == SMOL_K
         ref = hf_greedy(llm.model, prompt, SMOL_K)  # HF generate on the same bf16 weights
-        rates.append(_first_divergence(got, ref) / SMOL_K)
-    rate = sum(rates) / len(rates)
-    print(f"SmolLM2 bf16 greedy agreement with HF generate: {rate:.3f} (per prompt: {[round(r, 3) for r in rates]})")
-    # Measured on the 2-core AMD EPYC CI box: 0.776 with one torch thread per xdist worker, 0.687 with two
-    # threads (per prompt: 1, 1, .04, 1, 1, .25, 1, .21). The engine runs bf16 linears as fp32 GEMMs rounded
-    # to bf16 on CPUs without bf16 units, HF runs bf16 GEMMs, so near-ties break differently. An engine that
-    # reads wrong KV entries agrees on a few positions at most.
-    assert rate >= 0.6
+        p = _first_divergence(got, ref)
+        rates.append(p / SMOL_K)
+        if p == SMOL_K:
+            continue
+        with torch.no_grad():
+            logits = llm.model(torch.tensor([prompt + ref[:p]])).logits[0, -1].float()
+        best = logits.max().item()
+        gap = best - logits[got[p]].item()
+        gaps.append(round(gap / _bf16_ulp(best), 2))
+        assert gap <= 2 * _bf16_ulp(best), (
+            f"prompt {prompts.index(prompt)}: at token {p} the engine chose {got[p]} (HF logit "
+            f"{logits[got[p]].item():.3f}), HF's best is {best:.3f} ({ref[p]}): not a near-tie")
+    print(f"SmolLM2 bf16 greedy agreement with HF generate: {sum(rates) / len(rates):.3f} (per prompt: "
+          f"{[round(r, 3) for r in rates]}); first divergences {gaps} bf16 ulps below HF's best")
 
 
 # -- chat, finish reasons, order -------------------------------------------------------------------------
