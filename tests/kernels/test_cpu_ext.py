@@ -43,9 +43,14 @@ def test_vectorised_decode_attention_matches_the_reference(heads, sliding_window
     """Engine-sized blocks: the vector path's eight-token score groups, their tails and partial blocks, query
     groups of one to seven heads (values three heads at a time), and a head_dim that is not a multiple of 32
     (the scalar path)."""
+    _check_against_float64(heads, [1, 8, 9, 16, 23, 40, 100, 129], sliding_window, softcap, dtype,
+                           seed=heads[0] + heads[2])
+
+
+def _check_against_float64(heads, lengths, sliding_window, softcap, dtype, seed):
+    """The kernel on blocks of 16 against the torch reference in float64."""
     num_heads, num_kv_heads, head_dim = heads
-    lengths = [1, 8, 9, 16, 23, 40, 100, 129]
-    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths, dtype, seed=num_heads + head_dim)
+    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths, dtype, seed=seed)
     scale = head_dim ** -0.5
     out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, softcap)
     ref = paged_decode_attention(*[a.double() if a.is_floating_point() else a for a in args], scale,
@@ -60,15 +65,7 @@ def test_vectorised_decode_attention_matches_the_reference(heads, sliding_window
 def test_vectorised_decode_attention_over_long_contexts(heads, sliding_window, dtype):
     """Contexts of hundreds of tokens (a rollout's, where the online softmax rescales many times and every
     block prefetches the next), and a window that starts inside the sequence."""
-    num_heads, num_kv_heads, head_dim = heads
-    lengths = [255, 256, 257, 600, 1000]
-    args = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths, dtype, seed=7 + num_heads)
-    scale = head_dim ** -0.5
-    out = cpu_ext.paged_decode_attention_ext(*args, scale, sliding_window, None)
-    ref = paged_decode_attention(*[a.double() if a.is_floating_point() else a for a in args], scale,
-                                 sliding_window, None)
-    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(out, ref.to(dtype), **tol)
+    _check_against_float64(heads, [255, 256, 257, 600, 1000], sliding_window, None, dtype, seed=7 + heads[0])
 
 
 def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
