@@ -11,12 +11,13 @@ MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def advise_huge_pages(t: torch.Tensor) -> tuple[int, int]:
-    """Asks Linux to back the 2 MiB-aligned pages inside a CPU tensor's memory with transparent huge pages
-    (where THP is in `madvise` mode, the default of many distributions, nothing is otherwise). Decode
-    attention reads K/V blocks scattered over the whole cache: with 4 KiB pages most block reads miss the TLB.
-    Measured (`decode_attention`-like loop, 64 x 600 tokens in a cache 4x that): 4-11 % faster per layer.
-    Call it before the memory is first written. Returns the advised (start address, length); (0, 0) where
-    nothing was advised (not Linux, not CPU, under 2 MiB, or madvise refused): the cache works the same."""
+    """Asks Linux to back the 2 MiB-aligned pages inside a CPU tensor's memory with transparent huge pages.
+    Where THP is in `madvise` mode (the default of many distributions) memory is otherwise never on them.
+    Decode attention reads K/V blocks scattered over the whole cache, so with 4 KiB pages most block reads
+    miss the TLB. Measured: a decode loop over 64 x 600 tokens in a cache 4x that, 4-11 % faster per call;
+    whole engine steps (fp32 `--long`, interleaved A/B), 1.4 %. Call it before the memory is first written.
+    Returns the advised (start address, length); (0, 0) where nothing was advised (not Linux, not CPU,
+    under 2 MiB, or madvise refused): the cache works the same."""
     if t.device.type != "cpu" or not sys.platform.startswith("linux"):
         return 0, 0
     begin = t.data_ptr()
