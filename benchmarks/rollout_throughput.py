@@ -50,7 +50,8 @@ SAMPLING = {
 }
 PEERS = ("vllm", "hf-cb", "hf")
 MAX_NUM_SEQS = 256
-KV_CACHE_GIB = 4  # the KV cache of both rollserve and vLLM: the --long workload (64 x ~1,065 tokens, 3.1 GB in fp32) fits in it
+# the KV cache of both rollserve and vLLM: the --long workload (64 x ~1,065 tokens, 3.1 GB in fp32) fits in it
+KV_CACHE_GIB = 4
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)}
 
