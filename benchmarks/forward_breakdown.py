@@ -5,7 +5,8 @@ then times `--steps` decode steps with each part wrapped in a timer. CPU time
 (`time.process_time`) with one torch thread by default, since wall time on a
 shared machine measures the load; `--threads 2 --wall` for the real setting.
 
-    python benchmarks/forward_breakdown.py [--steps 8] [--skip-steps 0] [--threads 1] [--wall]
+    python benchmarks/forward_breakdown.py [--steps 8] [--skip-steps 0] [--threads 1] [--wall] [--long]
+                                           [--dtype fp32] [--kv-cache-dtype auto]
 
 `--skip-steps K` decodes K steps untimed first (longer contexts: the attention's share grows with them).
 """
@@ -32,12 +33,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true")
     ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="EngineConfig.kv_cache_dtype (bf16/fp16 under fp32)")
     ap.add_argument("--long", action="store_true", help="the --long workload (16 prompts x n=4 x 1024)")
     args = ap.parse_args()
     w = LONG if args.long else GRPO
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.wall else time.process_time
-    llm = LLM(str(smollm2_135m_instruct()), dtype=args.dtype, seed=0, max_num_seqs=w.num_seqs)
+    llm = LLM(str(smollm2_135m_instruct()), dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, seed=0,
+              max_num_seqs=w.num_seqs, kv_cache_memory="4GiB")
     params = SamplingParams(n=w.n, temperature=w.temperature, max_tokens=w.max_tokens, ignore_eos=True,
                             logprobs=0)
     for conv in conversations(w.num_prompts):

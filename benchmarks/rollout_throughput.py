@@ -2,6 +2,7 @@
 
     python benchmarks/rollout_throughput.py [--peers vllm,hf-cb,hf] [--long] [--dtype fp32 bf16]
                                             [--num-prompts N] [--sampling plain controls]
+                                            [--kv-cache-dtype auto fp16]
                                             [--peer-timeout 1800] [--hf-batch 4]
 
 The workload (benchmarks/workload.py) is GRPO-shaped by default: 32 chat
@@ -134,6 +135,9 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--num-prompts", type=int, default=None, help="fewer prompts than the workload's")
     ap.add_argument("--sampling", nargs="+", default=["plain"], choices=sorted(SAMPLING))
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "bf16", "fp16"],
+                    help="rollserve's KV cache dtype, one rollserve run each (bf16/fp16: a 16-bit cache under "
+                         "fp32 weights, EngineConfig.kv_cache_dtype; the peers keep the model's dtype)")
     ap.add_argument("--peer-timeout", type=float, default=1800.0, help="seconds, per peer run, loading included")
     ap.add_argument("--hf-batch", type=int, default=4, help="prompts per model.generate call (hf)")
     args = ap.parse_args()
@@ -148,18 +152,23 @@ def main() -> None:
     rows = min(w.num_seqs, MAX_NUM_SEQS)
     print(f"workload {w.describe()}; torch threads={torch.get_num_threads()}; {_load()}", flush=True)
     for dtype in args.dtype:
-        llm = LLM(path, dtype=dtype, seed=0, max_num_seqs=MAX_NUM_SEQS, kv_cache_memory=f"{KV_CACHE_GIB}GiB")
         results = {}
-        for sampling in args.sampling:
-            tps, tokens, shares, preempted = run_rollserve(llm, w, sampling)
-            name = "rollserve" if sampling == "plain" else f"rollserve ({sampling})"
-            results[name] = {"tokens": tokens, "seconds": tokens / tps}
-            print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
-                  + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items())
-                  + f"; {preempted} preemptions; {_load()}", flush=True)
-        step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
-        plain_s = gemm_step_seconds(llm.model, rows)
-        del llm
+        for kv in args.kv_cache_dtype:
+            if kv != "auto" and dtype != "fp32":
+                continue  # a 16-bit cache is an option of fp32 weights only
+            llm = LLM(path, dtype=dtype, kv_cache_dtype=kv, seed=0, max_num_seqs=MAX_NUM_SEQS,
+                      kv_cache_memory=f"{KV_CACHE_GIB}GiB")
+            for sampling in args.sampling:
+                tps, tokens, shares, preempted = run_rollserve(llm, w, sampling)
+                name = "rollserve" + (f" ({sampling})" if sampling != "plain" else "") + (
+                    f" (kv {kv})" if kv != "auto" else "")
+                results[name] = {"tokens": tokens, "seconds": tokens / tps}
+                print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
+                      + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items())
+                      + f"; {preempted} preemptions; {_load()}", flush=True)
+            step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
+            plain_s = gemm_step_seconds(llm.model, rows)
+            del llm
         for peer in peers:
             results[peer] = run_peer(peer, path, dtype, w, args.peer_timeout, args.hf_batch)
             print(f"[{dtype}] {peer}: {_describe(results[peer])}; {_load()}", flush=True)
@@ -185,6 +194,13 @@ def _summary(dtype: str, results: dict, ceiling: float) -> None:
         tps = r["tokens"] / r["seconds"]
         ratio = f"{base / tps:11.2f}x" if base else "-"
         print(f"[{dtype}] {name:<22} {tps:8.1f} {ratio:>12} {100 * tps / ceiling:10.1f}%")
+    for name, r in results.items():  # the other rollserve runs (a 16-bit KV cache, other sampling) to each peer
+        if name == "rollserve" or not name.startswith("rollserve") or "error" in r:
+            continue
+        for peer, p in results.items():
+            if not peer.startswith("rollserve") and "error" not in p:
+                ratio = (r["tokens"] / r["seconds"]) / (p["tokens"] / p["seconds"])
+                print(f"[{dtype}] {name} / {peer}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_serve_and_generate_have_the_same_engine_options():
     generate, serve = (_engine_options(subcommands[c]) for c in ("generate", "serve"))
     assert generate == serve
     assert {"--kv-cache-memory", "--no-prefix-caching", "--double-buffer-weights", "--max-num-seqs",
-            "--max-num-batched-tokens", "--max-model-len", "--dtype", "--seed", "--block-size",
+            "--max-num-batched-tokens", "--max-model-len", "--dtype", "--kv-cache-dtype", "--seed", "--block-size",
             "--attention-backend", "--sampling-backend", "--cuda-graphs", "--no-cuda-graphs"} == set(serve)
 
 

@@ -38,6 +38,8 @@ def test_defaults_and_sizes():
     ("kv_cache_memory", 1.5e9, "must be bytes"),
     ("dtype", "float13", "must be 'auto', one of ['bf16', 'bfloat16', 'float', 'float16', 'float32', 'fp16', "
                          "'fp32', 'half'] or a floating torch.dtype"),
+    ("kv_cache_dtype", "fp8", "must be 'auto', one of ['bf16', 'bfloat16', 'float', 'float16', 'float32', "
+                              "'fp16', 'fp32', 'half'] or a floating torch.dtype"),
     ("block_size", 0, "must be an int >= 1"),
     ("max_num_seqs", True, "must be an int >= 1"),
     ("max_num_batched_tokens", "2048", "must be an int >= 1"),

@@ -139,6 +139,10 @@ def test_model_context_limit(tiny_model, make_prompts, hf_greedy):
     ({"kv_cache_memory": 0}, ValueError, "kv_cache_memory"),
     ({"kv_cache_memory": 1000}, ValueError, "kv_cache_memory=1000 bytes holds no KV block"),
     ({"block_size": 0}, ValueError, "block_size"),
+    ({"kv_cache_dtype": "int8"}, ValueError, "kv_cache_dtype='int8' is invalid"),
+    ({"dtype": "bf16", "kv_cache_dtype": "fp16"}, ValueError,
+     r"kv_cache_dtype='fp16' is invalid: the KV cache holds the weights' dtype \(torch.bfloat16\), or "
+     "bfloat16/float16 under float32 weights on the CPU"),
     ({"max_num_seqs": 0}, ValueError, "max_num_seqs"),
     ({"max_num_batched_tokens": 0}, ValueError, "max_num_batched_tokens"),
     ({"max_model_len": 1}, ValueError, "max_model_len"),

@@ -5,6 +5,8 @@ model runner directly, and the reported logprobs through `LLM.generate` with chu
 preemption/recompute, and at a sampling temperature != 1.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -99,14 +101,14 @@ def test_runner_logits_every_position(arch, dtype, tiny_model, make_prompts):
         llm.engine.block_manager.free_blocks(seq)
 
 
-def _check_logprobs(model, prompts, outs, ref_logprobs, temperature=1.0) -> float:
+def _check_logprobs(model, prompts, outs, ref_logprobs, temperature=1.0, tol=TOL) -> float:
     max_diff = 0.0
     for prompt, out in zip(prompts, outs):
         for comp in out.outputs:
             ref = ref_logprobs(model, prompt, comp.token_ids, temperature)
             assert len(comp.logprobs) == len(comp.token_ids)
             diff = (torch.tensor(comp.logprobs) - ref).abs().max().item()
-            assert diff < TOL, f"prompt of {len(prompt)} tokens: max |logprob diff| {diff:.2e}"
+            assert diff < tol, f"prompt of {len(prompt)} tokens: max |logprob diff| {diff:.2e}"
             max_diff = max(max_diff, diff)
     return max_diff
 
@@ -149,3 +151,55 @@ def test_preemption_recompute_logprobs(arch, tiny_model, make_prompts, hf_greedy
     diff = _check_logprobs(model, prompts, outs, ref_logprobs)
     print(f"{arch} preemption: {llm.engine.scheduler.stats.num_preemptions} preemptions, "
           f"max |logprob diff| {diff:.2e}")
+
+
+@contextmanager
+def _kv_rounded_to(model, dtype: torch.dtype):
+    """HF's own sdpa attention on K/V rounded to `dtype` (after the rotary embedding, as the engine's cache holds
+    them): the exact reference for an engine whose KV cache is `dtype` under fp32 weights."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def rounded(module, query, key, value, *args, **kwargs):
+        return sdpa_attention_forward(module, query, key.to(dtype).to(key.dtype), value.to(dtype).to(value.dtype),
+                                      *args, **kwargs)
+
+    name = f"rollserve_test_kv_{dtype}".replace("torch.", "")
+    AttentionInterface.register(name, rounded)
+    AttentionMaskInterface.register(name, sdpa_mask)  # sdpa's masks (sliding windows included)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_16_bit_kv_cache_under_fp32_weights(arch, cache_dtype, tiny_model, make_prompts, hf_greedy, ref_logprobs):
+    """`kv_cache_dtype=bf16/fp16` with fp32 weights: the cache holds twice the blocks in the same memory, and greedy
+    tokens and logprobs (chunked prefill, a prefix-cache hit, decodes) are those of HF's forward with K/V rounded
+    to the cache's dtype. Within 1e-3, not the fp32 1e-4: a K/V element that the engine's GEMMs and HF's compute
+    an fp32 ulp apart can round to neighbouring 16-bit values (measured: 3.5e-4 on the tiny llama in bf16, <=
+    9e-5 elsewhere). Against the unrounded fp32 forward they differ 40-1200x more (3.5e-3 to 0.42)."""
+    model = tiny_model(arch)
+    llm = LLM(model, kv_cache_dtype=cache_dtype, kv_cache_memory=_blocks_bytes(model, 64),
+              max_num_batched_tokens=32)
+    assert llm.engine.runner.kv_cache.data.dtype == cache_dtype
+    assert llm.engine.block_manager.num_blocks == 128
+    prompts = make_prompts([130, 7, 60], seed=21)
+    prompts.append(prompts[0][:96] + make_prompts([20], seed=22)[0])  # a prefix-cache hit on the first's blocks
+    params = SamplingParams(temperature=0, max_tokens=K, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompts[:3], params, use_tqdm=False) + llm.generate(prompts[3:], params, use_tqdm=False)
+    assert llm.metrics()["prefix_cache_hit_rate"] > 0
+    with _kv_rounded_to(model, cache_dtype):
+        for prompt, out in zip(prompts, outs):
+            assert out.outputs[0].token_ids == hf_greedy(model, prompt, K)
+        diff = _check_logprobs(model, prompts, outs, ref_logprobs, tol=1e-3)
+    unrounded = max((torch.tensor(out.outputs[0].logprobs) - ref_logprobs(model, prompt, out.outputs[0].token_ids))
+                    .abs().max().item() for prompt, out in zip(prompts, outs))
+    print(f"{arch} {cache_dtype} KV cache: max |logprob diff| {diff:.2e} against the rounded-K/V forward, "
+          f"{unrounded:.2e} against the fp32 one")
+    assert unrounded > 20 * diff

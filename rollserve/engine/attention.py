@@ -41,6 +41,10 @@ def paged_attention(meta: PagedAttentionMetadata, layer_idx: int, q: torch.Tenso
     k_cache, v_cache = meta.kv_cache.layer(layer_idx)
     meta.ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
+    if meta.prefill_query_lens and k_cache.dtype != k.dtype:
+        # a 16-bit cache under fp32 weights: a prefill chunk sees its own K/V as the cache holds them, so a
+        # prompt's attention does not depend on whether its prefix came from the prefix cache
+        k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
     parts = []
     if nd:
         parts.append(meta.ops.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,

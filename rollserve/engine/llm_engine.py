@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, resolve_dtype
 from ..kernels.backend import choose_sampling_backend, sampling_kernel
 from ..outputs import StepOutput
 from .beam_search import BeamSearcher
@@ -29,6 +29,21 @@ def _seeded_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
+def kv_cache_dtype(requested, weight: torch.Tensor) -> torch.dtype:
+    """The KV cache's dtype for `EngineConfig.kv_cache_dtype=requested` and a model whose weights are like `weight`.
+
+    The weights' dtype ('auto'), or a 16-bit cache under float32 weights on the CPU, where the decode kernel
+    reads it (the CUDA paths read a cache of the model's dtype only). Anything else raises ValueError."""
+    dtype = resolve_dtype(requested) or weight.dtype
+    if dtype == weight.dtype:
+        return dtype
+    if weight.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu":
+        return dtype
+    raise ValueError(f"EngineConfig.kv_cache_dtype={requested!r} is invalid: the KV cache holds the weights' dtype "
+                     f"({weight.dtype}), or bfloat16/float16 under float32 weights on the CPU; the model is "
+                     f"{weight.dtype} on {weight.device.type}")
+
+
 class LLMEngine:
     def __init__(self, model, config: EngineConfig, eos_token_ids: set[int], max_model_len: int, detokenize):
         """`detokenize(token_ids, skip_special_tokens) -> str`."""
@@ -39,7 +54,8 @@ class LLMEngine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         out_emb = model.get_output_embeddings()
         self.logits_size = getattr(out_emb, "out_features", None) or self.vocab_size
-        bytes_per_block = ModelRunner.bytes_per_block(model.config, config.block_size, next(model.parameters()).dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(model.parameters()))
+        bytes_per_block = ModelRunner.bytes_per_block(model.config, config.block_size, kv_dtype)
         num_blocks = config.kv_cache_memory // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no KV block "
@@ -47,7 +63,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention_backend,
-                                  config.cuda_graphs, config.max_num_seqs, max_model_len)
+                                  config.cuda_graphs, config.max_num_seqs, max_model_len, kv_dtype)
         self.sampler = Sampler(config.seed, sampling_kernel(choose_sampling_backend(config.sampling_backend,
                                                                                     self.runner.device)))
         self.requests: dict[str, BaseRequest] = {}

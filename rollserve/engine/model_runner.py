@@ -51,12 +51,18 @@ def _eval_mode(model):
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, attention_backend: str,
-                 cuda_graphs: bool | None, max_num_seqs: int, max_model_len: int):
+                 cuda_graphs: bool | None, max_num_seqs: int, max_model_len: int,
+                 kv_dtype: torch.dtype | None = None):
         register()
         self.model = model
         self.block_size = block_size
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = kv_dtype or self.dtype  # a 16-bit cache under fp32 weights: EngineConfig.kv_cache_dtype
         backend = choose_attention_backend(attention_backend, self.device, block_size)
+        if backend == "triton" and self.kv_dtype != self.dtype:
+            raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_dtype} is invalid with the triton attention "
+                             f"backend: its kernels read a cache of the model's dtype ({self.dtype})")
         self.attention_ops = attention_ops(backend)
         self.dtype = next(model.parameters()).dtype
         graphs = use_cuda_graphs(cuda_graphs, self.device, backend)
@@ -79,7 +85,7 @@ class ModelRunner:
 
     def _new_kv_cache(self) -> PagedKVCache:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = self._kv_shape
-        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.dtype, self.device)
+        return PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, self.kv_dtype, self.device)
 
     def release_kv_cache(self) -> None:
         self.kv_cache = None

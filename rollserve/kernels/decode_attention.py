@@ -12,7 +12,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """Attention of each sequence's newest token over all its tokens (its own K/V already written).
 
     query: [num_seqs, num_heads, head_dim], the model's dtype.
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], query's dtype;
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], query's dtype (or a 16-bit one, read
+        as query's);
         num_heads is a multiple of num_kv_heads (query head h reads KV head h // (num_heads // num_kv_heads)).
     block_tables: [num_seqs, max_blocks] int64, padded with any valid block id.
     context_lens: [num_seqs] int64, tokens of each sequence including the query token (at position len - 1).
@@ -23,8 +24,8 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     num_kv_heads = k_cache.shape[2]
     # Queries of one KV head's group act as a query sequence of length `group`.
     q = query.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    k = gather_kv(k_cache, block_tables)  # [num_seqs, num_kv_heads, max_blocks * block_size, head_dim]
-    v = gather_kv(v_cache, block_tables)
+    k = gather_kv(k_cache, block_tables).to(query.dtype)  # [num_seqs, num_kv_heads, max_blocks * block_size, D]
+    v = gather_kv(v_cache, block_tables).to(query.dtype)
     pos = torch.arange(k.shape[2], device=query.device)
     ctx = context_lens[:, None]
     mask = pos < ctx

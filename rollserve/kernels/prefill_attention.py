@@ -15,7 +15,8 @@ def paged_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]: the chunks'
         tokens packed one after another (chunk i has `query_lens[i]` tokens), the model's dtype. Their K/V are
         already written into the cache.
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], query's dtype.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], query's dtype (or a 16-bit one, read as
+        query's; key and value are then already rounded to it, as `attention.paged_attention` passes them).
     context_lens: [num_chunks], tokens of chunk i's sequence once the chunk is written; its earlier context
         is the first `context_lens[i] - query_lens[i]` (read from the cache).
     block_tables: [num_chunks, max_blocks] int64, padded; the row of a chunk without earlier context is not read.
@@ -35,8 +36,8 @@ def paged_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch
             k, v = key[start:end].transpose(0, 1)[None], value[start:end].transpose(0, 1)[None]
         else:
             table = block_tables[i, :-(-context_len // block_size)][None]
-            k = gather_kv(k_cache, table)[:, :, :context_len]  # [1, num_kv_heads, context_len, head_dim]
-            v = gather_kv(v_cache, table)[:, :, :context_len]
+            k = gather_kv(k_cache, table)[:, :, :context_len].to(query.dtype)  # [1, Hkv, context_len, D]
+            v = gather_kv(v_cache, table)[:, :, :context_len].to(query.dtype)
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if fresh and not sliding_window:

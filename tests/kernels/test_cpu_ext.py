@@ -68,6 +68,29 @@ def test_vectorised_decode_attention_over_long_contexts(heads, sliding_window, d
     _check_against_float64(heads, [255, 256, 257, 600, 1000], sliding_window, None, dtype, seed=7 + heads[0])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (6, 3, 40)])
+def test_decode_attention_over_a_16_bit_cache_with_float32_queries(heads, cache_dtype):
+    """`EngineConfig.kv_cache_dtype`: fp32 queries over a bf16/fp16 cache (vector and scalar paths), against the
+    float64 reference over the same 16-bit K/V, to fp32 accuracy: the only rounding is the cache's own."""
+    num_heads, num_kv_heads, head_dim = heads
+    lengths = [1, 9, 16, 40, 129, 600]
+    query, k_cache, v_cache, tables, lens = _case(len(lengths), num_heads, num_kv_heads, head_dim, 16, lengths,
+                                                  torch.float32, seed=head_dim)
+    k16, v16 = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
+    for window in (None, 21):
+        out = cpu_ext.paged_decode_attention_ext(query, k16, v16, tables, lens, head_dim ** -0.5, window)
+        assert out.dtype == torch.float32
+        ref = paged_decode_attention(query.double(), k16.double(), v16.double(), tables, lens, head_dim ** -0.5,
+                                     window)
+        torch.testing.assert_close(out, ref.float(), atol=2e-6, rtol=2e-6)
+        # and the torch reference reads the same 16-bit cache under fp32 queries
+        torch.testing.assert_close(paged_decode_attention(query, k16, v16, tables, lens, head_dim ** -0.5, window),
+                                   ref.float(), atol=2e-6, rtol=2e-6)
+    with pytest.raises(RuntimeError, match="bfloat16/float16 under float32"):
+        cpu_ext.paged_decode_attention_ext(query.to(cache_dtype), k_cache, v_cache, tables, lens, 0.125)
+
+
 def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
     """The engine passes q as a transposed view and one layer's K (or V) of the [layers, 2, ...] cache."""
     query, k_cache, v_cache, tables, lens = _case(6, 9, 3, 64, 16, [17, 40, 3, 64, 65, 1], torch.float32, seed=7)

@@ -184,8 +184,8 @@ inline const float* as_float(const scalar_t* src, float* scratch, int64_t n) {
 
 // One work item is one sequence, all its heads: each block's K (and V) rows of every KV head are
 // contiguous in the cache, so a block is streamed once instead of once per KV head.
-template <typename scalar_t>
-void decode_rows(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+template <typename scalar_t, typename cache_t>
+void decode_rows(const scalar_t* q, const cache_t* kc, const cache_t* vc, const int64_t* tables,
                  const int64_t* ctx_lens, scalar_t* out, int64_t begin, int64_t end, int64_t num_heads,
                  int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
                  int64_t window, float softcap) {
@@ -376,8 +376,8 @@ inline void block_values16(float* const* acc, const float* const* w, const scala
 
 // `decode_rows` for head_dim a multiple of 32, any of the three dtypes read in place (no float copy):
 // per block, each KV head's scores for all its query heads, then its values for up to three heads at once.
-template <typename scalar_t>
-void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, const int64_t* tables,
+template <typename scalar_t, typename cache_t>
+void decode_rows_vec(const scalar_t* q, const cache_t* kc, const cache_t* vc, const int64_t* tables,
                      const int64_t* ctx_lens, scalar_t* out, int64_t begin, int64_t end, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
                      int64_t window, float softcap) {
@@ -407,7 +407,7 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
       if ((b + 1) * block_size < ctx) {
         pk = reinterpret_cast<const char*>(kc + table[b + 1] * block_elems);
         pv = reinterpret_cast<const char*>(vc + table[b + 1] * block_elems);
-        pbytes = block_elems * static_cast<int64_t>(sizeof(scalar_t));
+        pbytes = block_elems * static_cast<int64_t>(sizeof(cache_t));
         const int64_t calls = H * ((n + 7) / 8);
         pstep = 64 * ((pbytes / 64 + calls - 1) / calls);
       }
@@ -417,7 +417,7 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
             __builtin_prefetch(pk + ppos, 0, 2);
             __builtin_prefetch(pv + ppos, 0, 2);
           }
-          const scalar_t* kh = kc + base + tc * row_elems + (hq / group) * D;
+          const cache_t* kh = kc + base + tc * row_elems + (hq / group) * D;
           const int64_t count = std::min<int64_t>(8, n - tc);
 #ifdef ROLLSERVE_AVX512_DECODE
           if (wide) {
@@ -430,7 +430,7 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
       for (int64_t hq = 0; hq < H; ++hq)
         softmax_block(sc.data() + hq * block_size, n, scale, softcap, m[hq], l[hq], acc.data() + hq * D, D);
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        const scalar_t* vh = vc + base + h * D;
+        const cache_t* vh = vc + base + h * D;
         for (int64_t g0 = 0; g0 < group; g0 += 3) {
           const int64_t hq = h * group + g0;
           float* a[3] = {acc.data() + hq * D, acc.data() + (hq + 1) * D, acc.data() + (hq + 2) * D};
@@ -462,14 +462,19 @@ void decode_rows_vec(const scalar_t* q, const scalar_t* kc, const scalar_t* vc, 
 
 }  // namespace
 
-// query: [S, Hq, D]; k_cache, v_cache: [NB, BS, Hkv, D] (contiguous); block_tables: [S, max_blocks] int64;
+// query: [S, Hq, D]; k_cache, v_cache: [NB, BS, Hkv, D] (contiguous; query's dtype, or bfloat16/float16 under
+// float32 queries: read and converted to float in registers); block_tables: [S, max_blocks] int64;
 // context_lens: [S] int64; window <= 0: none; softcap <= 0: none. Returns [S, Hq, D].
 torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                      int64_t window, double softcap) {
   TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
-  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type());
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() ||
+                  (query.scalar_type() == at::kFloat &&
+                   (k_cache.scalar_type() == at::kBFloat16 || k_cache.scalar_type() == at::kHalf)),
+              "the KV cache must have the query's dtype, or be bfloat16/float16 under float32 queries");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong);
   auto q = query.contiguous();
   auto tables = block_tables.contiguous();
@@ -478,27 +483,39 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0);
   auto out = torch::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t max_blocks = tables.size(1);
+  // The rows [begin, end) with queries (and output) of scalar_t over a cache of cache_t.
+  auto run = [&](auto q_tag, auto cache_tag) {
+    using scalar_t = decltype(q_tag);
+    using cache_t = decltype(cache_tag);
     const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
-    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    const cache_t* kp = k_cache.data_ptr<cache_t>();
+    const cache_t* vp = v_cache.data_ptr<cache_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t* tp = tables.data_ptr<int64_t>();
-    const int64_t* lp = lens.data_ptr<int64_t>();
-    const int64_t max_blocks = tables.size(1);
     at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
 #ifdef ROLLSERVE_VECTOR_DECODE
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (D % 32 == 0) {
-          decode_rows_vec<scalar_t>(qp, kp, vp, tp, lp, op, begin, end, Hq, Hkv, D, BS, max_blocks,
-                                    static_cast<float>(scale), window, static_cast<float>(softcap));
+          decode_rows_vec<scalar_t, cache_t>(qp, kp, vp, tp, lp, op, begin, end, Hq, Hkv, D, BS, max_blocks,
+                                             static_cast<float>(scale), window, static_cast<float>(softcap));
           return;
         }
       }
 #endif
-      decode_rows<scalar_t>(qp, kp, vp, tp, lp, op, begin, end, Hq, Hkv, D, BS, max_blocks,
-                            static_cast<float>(scale), window, static_cast<float>(softcap));
+      decode_rows<scalar_t, cache_t>(qp, kp, vp, tp, lp, op, begin, end, Hq, Hkv, D, BS, max_blocks,
+                                     static_cast<float>(scale), window, static_cast<float>(softcap));
     });
-  });
+  };
+  if (k_cache.scalar_type() != q.scalar_type()) {  // a 16-bit cache under float queries
+    if (k_cache.scalar_type() == at::kBFloat16)
+      run(float{}, c10::BFloat16{});
+    else
+      run(float{}, c10::Half{});
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention",
+                                    [&] { run(scalar_t{}, scalar_t{}); });
+  }
   return out;
 }
