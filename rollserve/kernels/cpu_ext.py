@@ -1,7 +1,8 @@
 """The optional C++/OpenMP CPU kernels in csrc/, beside the torch references they are tested against.
 
 `make install` builds them (`python -m rollserve.kernels.cpu_ext`) with
-`torch.utils.cpp_extension` into ~/.cache/rollserve/ext; at run time they are
+`torch.utils.cpp_extension` into ~/.cache/rollserve/ext, one build per torch version and CPU (its
+instruction sets: the build is `-march=native`); at run time they are
 loaded only if that build is there (a stale build is rebuilt), and
 `ROLLSERVE_CPU_KERNELS=0` turns them off. Without them the torch references run.
 
@@ -29,8 +30,29 @@ SOURCES = [Path(__file__).parent / "csrc" / name
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _cpu_flags() -> str:
+    """This CPU's feature flags as Linux lists them (x86 `flags`, arm `Features`), sorted; "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_tag() -> str:
+    """A short fingerprint of this CPU's instruction sets: the build uses `-march=native`, so a build made on
+    one CPU must not be loaded on another that lacks its instructions (a home directory shared by machines)."""
+    import hashlib
+    import platform
+
+    return hashlib.sha1(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:10]
+
+
 def build_dir() -> Path:
-    return Path(os.path.expanduser("~/.cache/rollserve/ext")) / f"torch-{torch.__version__}"
+    return Path(os.path.expanduser("~/.cache/rollserve/ext")) / f"torch-{torch.__version__}-native-{cpu_tag()}"
 
 
 def build(verbose: bool = False):

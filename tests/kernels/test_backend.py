@@ -73,3 +73,18 @@ def test_an_engine_on_the_cpu_imports_no_triton_kernel():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_cpu_extension_is_built_and_loaded_per_cpu(monkeypatch):
+    """The extension is compiled with -march=native: a build from a CPU with other instruction sets (a shared
+    home directory) lives in another folder, so it is never loaded here."""
+    import torch
+
+    from rollserve.kernels import cpu_ext
+
+    here = cpu_ext.build_dir()
+    assert here == cpu_ext.build_dir() and here.name.startswith(f"torch-{torch.__version__}-native-")
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: "avx avx2 avx512f fma")
+    avx512 = cpu_ext.build_dir()
+    monkeypatch.setattr(cpu_ext, "_cpu_flags", lambda: "avx avx2 fma")
+    assert len({here, avx512, cpu_ext.build_dir()}) == 3
