@@ -115,14 +115,14 @@ class EngineConfig:
     """
 
     dtype: "str | torch.dtype" = _arg(
-        "auto", "dtype of the weights (and of the KV cache, see kv_cache_dtype): 'auto' (the model's own), bf16, "
-                "fp16 or fp32 (also "
-                "bfloat16, float16, half, float32, float, or a floating torch.dtype)", _dtype)
+        "auto", "dtype of the weights (and of the KV cache, unless kv_cache_dtype says otherwise): 'auto' (the "
+                "model's own), bf16, fp16 or fp32 (also bfloat16, float16, half, float32, float, or a floating "
+                "torch.dtype)", _dtype)
     kv_cache_dtype: "str | torch.dtype" = _arg(
         "auto", "dtype of the KV cache: 'auto' (the weights' dtype), or bf16/fp16 under fp32 weights: half the "
                 "cache's memory and the bytes decode attention reads, at the cost of rounding each token's K/V "
-                "to 16 bits (logprobs then differ from an fp32 trainer's by that rounding; CPU and the torch "
-                "attention backend only)", _dtype)
+                "to 16 bits (logprobs then differ from an fp32 trainer's by that rounding; on the CPU, not with "
+                "attention_backend='triton')", _dtype)
     block_size: int = _arg(16, "tokens per paged KV block", _int(1))
     kv_cache_memory: int | str = _arg("2GiB", "memory given to the paged KV cache: bytes, or a size such as "
                                               "2GiB, 512MiB, 1.5GB", _size)

@@ -203,3 +203,13 @@ def test_16_bit_kv_cache_under_fp32_weights(arch, cache_dtype, tiny_model, make_
     print(f"{arch} {cache_dtype} KV cache: max |logprob diff| {diff:.2e} against the rounded-K/V forward, "
           f"{unrounded:.2e} against the fp32 one")
     assert unrounded > 20 * diff
+
+
+def test_16_bit_kv_cache_is_refused_by_the_triton_backend(tiny_model, monkeypatch):
+    """The Triton kernels read a cache of the model's dtype: a forced Triton backend with a 16-bit cache under
+    fp32 weights is refused, naming the field."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the forced Triton backend is accepted on the CPU under it
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="kv_cache_dtype=torch.float16 is invalid with attention_backend='triton'"):
+        LLM(model, kv_cache_dtype="fp16", attention_backend="triton", kv_cache_memory=_blocks_bytes(model, 8))

@@ -61,10 +61,10 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or self.dtype  # a 16-bit cache under fp32 weights: EngineConfig.kv_cache_dtype
         backend = choose_attention_backend(attention_backend, self.device, block_size)
         if backend == "triton" and self.kv_dtype != self.dtype:
-            raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_dtype} is invalid with the triton attention "
-                             f"backend: its kernels read a cache of the model's dtype ({self.dtype})")
+            raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_dtype} is invalid with "
+                             f"attention_backend='triton': its kernels read a cache of the model's dtype "
+                             f"({self.dtype}); use 'auto' or 'torch'")
         self.attention_ops = attention_ops(backend)
-        self.dtype = next(model.parameters()).dtype
         graphs = use_cuda_graphs(cuda_graphs, self.device, backend)
         num_layers, num_kv_heads, head_dim = kv_cache_geometry(model.config)
         # With graphs, block `num_blocks` (never handed out) takes the K/V of a padded batch's padding rows.
