@@ -166,8 +166,9 @@ def main() -> None:
                 print(f"[{dtype}] {name}: {tps:7.1f} tok/s ({tokens} tokens); "
                       + ", ".join(f"{k} {100 * v:4.1f}%" for k, v in shares.items())
                       + f"; {preempted} preemptions; {_load()}", flush=True)
-            step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
-            plain_s = gemm_step_seconds(llm.model, rows)
+            if kv == args.kv_cache_dtype[0]:  # the same weights and GEMMs whatever the cache: measured once
+                step_s = gemm_step_seconds(llm.model, rows, mode=llm.engine.runner._gemm)
+                plain_s = gemm_step_seconds(llm.model, rows)
             del llm
         for peer in peers:
             results[peer] = run_peer(peer, path, dtype, w, args.peer_timeout, args.hf_batch)

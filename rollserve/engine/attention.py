@@ -39,12 +39,13 @@ def paged_attention(meta: PagedAttentionMetadata, layer_idx: int, q: torch.Tenso
     `meta.num_decodes` tokens over their sequences' blocks, the prefill chunks causally.
     """
     k_cache, v_cache = meta.kv_cache.layer(layer_idx)
-    meta.ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    nd = meta.num_decodes
-    if meta.prefill_query_lens and k_cache.dtype != k.dtype:
+    stored_k, stored_v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # rounded once for a 16-bit cache, else as is
+    meta.ops.write_kv(k_cache, v_cache, stored_k, stored_v, meta.slot_mapping)
+    if stored_k is not k and meta.prefill_query_lens:
         # a 16-bit cache under fp32 weights: a prefill chunk sees its own K/V as the cache holds them, so a
         # prompt's attention does not depend on whether its prefix came from the prefix cache
-        k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
+        k, v = stored_k.to(k.dtype), stored_v.to(v.dtype)
+    nd = meta.num_decodes
     parts = []
     if nd:
         parts.append(meta.ops.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
