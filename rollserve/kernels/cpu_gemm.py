@@ -1,11 +1,21 @@
-"""The engine's CPU linear layers: oneDNN GEMMs on prepacked weights; half precision in fp32 where it is slow.
+"""The engine's CPU linear layers: GEMMs on prepacked weights; half precision in fp32 where it is slow.
 
-oneDNN's GEMM on a weight reordered once into its blocked layout
+On AVX2 CPUs without AVX-512 (where the C++ extension is built), fp32 GEMMs run
+the extension's own packed GEMM (`csrc/gemm.cpp`): weights packed once into
+panels of 16 output columns, one 6x16 register tile over the whole K, the next
+panel prefetched while this one computes, so the weights stream from DRAM
+under the arithmetic. On the AVX2 EPYC it does a 64-row decode step's linear
+layers in ~110 ms where oneDNN's prepacked GEMM takes ~140-150 (1.2-1.5x at
+8-256 rows; figures in benchmarks/RESULTS.md). Each output is one FMA chain
+over k in order, so a row's result does not depend on its batch.
+`ROLLSERVE_CPU_GEMM=onednn` selects oneDNN instead.
+
+Elsewhere, oneDNN's GEMM on a weight reordered once into its blocked layout
 (`mkldnn._reorder_linear_weight`, what inductor's weight prepacking uses)
 beats `F.linear` (MKL sgemm) at every shape of the engine on the machines
-measured, AVX-512 and AVX2 alike, by 1.1-1.7x (the LM head most; figures in
-benchmarks/RESULTS.md). One packed copy serves every batch size. Its fp32
-results differ from MKL's by the order of the fp32 accumulation (~1e-5).
+measured, AVX-512 and AVX2 alike, by 1.1-1.7x (the LM head most). One packed
+copy serves every batch size. Either's fp32 results differ from MKL's by the
+order of the fp32 accumulation (~1e-5).
 
 On a CPU without bf16/fp16 matrix support PyTorch's half-precision GEMM is
 about 10x slower than fp32. There half-precision layers run as fp32 GEMMs on
@@ -26,6 +36,7 @@ in_features] of x's dtype on the CPU returns [..., out_features] in x's dtype; e
 
 from contextlib import contextmanager
 from functools import partial
+import os
 import weakref
 
 import torch
@@ -57,6 +68,23 @@ def _packs(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and not needs_fp32_gemm(dtype, torch.device("cpu")))
 
 
+def _extension_gemm():
+    """The C++ extension when it has the packed fp32 GEMM and it is not turned off, else None."""
+    if os.environ.get("ROLLSERVE_CPU_GEMM", "") == "onednn":
+        return None
+    from .cpu_ext import extension
+
+    ext = extension()
+    return ext if ext is not None and ext.packed_gemm_available() else None
+
+
+def gemm_kernel(dtype: torch.dtype) -> str | None:
+    """The packed GEMM `dtype` runs on here: "rollserve" (the extension's, fp32), "onednn", or None (`F.linear`)."""
+    if dtype == torch.float32 and _extension_gemm() is not None:
+        return "rollserve"
+    return "onednn" if _packs(dtype) else None
+
+
 class CpuGemm(TorchFunctionMode):
     """A `TorchFunctionMode` (use as a context manager) running the CPU's `F.linear` calls as described above."""
 
@@ -64,7 +92,9 @@ class CpuGemm(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self.compute = torch.float32 if needs_fp32_gemm(dtype, torch.device("cpu")) else dtype
-        self.packed = _packs(self.compute)
+        self.kernel = gemm_kernel(self.compute)
+        self._ext = _extension_gemm() if self.kernel == "rollserve" else None
+        self.packed = self.kernel is not None
         # ((id(weight), ...), packed?) -> (weakrefs to them, their (version, data_ptr)s, derived copy): the
         # weakrefs tell a reused id apart
         self._copies: dict[tuple[tuple[int, ...], bool],
@@ -87,7 +117,9 @@ class CpuGemm(TorchFunctionMode):
         hit = self._copies.get(key)
         if hit is None or hit[1] != stamp or any(ref() is not t for ref, t in zip(hit[0], ts)):
             copy = (ts[0] if len(ts) == 1 else torch.cat(ts)).detach().to(self.compute)
-            if pack:
+            if pack and self._ext is not None:
+                copy = self._ext.pack_gemm_weight(copy)
+            elif pack:
                 copy = torch.ops.mkldnn._reorder_linear_weight(copy, None)
             hit = (tuple(weakref.ref(t) for t in ts), stamp, copy)
             self._copies[key] = hit
@@ -119,7 +151,15 @@ class CpuGemm(TorchFunctionMode):
             b = biases[0] if len(biases) == 1 and biases[0].dtype == self.compute else self._derived(tuple(biases),
                                                                                                       False)
         xc = x.to(self.compute)
-        out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "") if pack else F.linear(xc, w, b)
+        if pack and self._ext is not None:
+            n = sum(t.shape[0] for t in weights)
+            if b is not None and not b.is_contiguous():
+                b = b.contiguous()
+            out = self._ext.packed_linear(xc.reshape(-1, xc.shape[-1]), w, n, b).view(*xc.shape[:-1], n)
+        elif pack:
+            out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "")
+        else:
+            out = F.linear(xc, w, b)
         return out.to(x.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

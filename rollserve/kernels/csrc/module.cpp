@@ -1,4 +1,4 @@
-// The extension's Python module: the kernels of paged_decode.cpp and layer_ops.cpp.
+// The extension's Python module: the kernels of paged_decode.cpp, layer_ops.cpp and gemm.cpp.
 #include <torch/extension.h>
 
 #include <optional>
@@ -9,10 +9,17 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual,
                                                       torch::Tensor weight, double eps, int64_t lanes);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+bool packed_gemm_available();
+torch::Tensor pack_gemm_weight(torch::Tensor w);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention, in place over block tables");
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm, bit-equal to HF's LlamaRMSNorm",
         py::arg("x"), py::arg("residual") = py::none(), py::arg("weight"), py::arg("eps"), py::arg("lanes"));
   m.def("rope", &rope, "rotary embedding of one [T, H, D] tensor (HF apply_rotary_pos_emb's roundings)");
+  m.def("packed_gemm_available", &packed_gemm_available, "whether this build has the AVX2 packed fp32 GEMM");
+  m.def("pack_gemm_weight", &pack_gemm_weight, "an [N, K] float32 weight as [ceil(N/16), K, 16] panels");
+  m.def("packed_linear", &packed_linear, "x @ w^T (+ bias) on a weight from pack_gemm_weight",
+        py::arg("x"), py::arg("wp"), py::arg("n"), py::arg("bias") = py::none());
 }
