@@ -5,9 +5,10 @@ the extension's own packed GEMM (`csrc/gemm.cpp`): weights packed once into
 panels of 16 output columns, one 6x16 register tile over the whole K, the next
 panel prefetched while this one computes, so the weights stream from DRAM
 under the arithmetic. On the AVX2 EPYC it does a 64-row decode step's linear
-layers in ~110 ms where oneDNN's prepacked GEMM takes ~140-150 (1.2-1.5x at
-8-256 rows; figures in benchmarks/RESULTS.md). Each output is one FMA chain
-over k in order, so a row's result does not depend on its batch.
+layers in ~110-120 ms where oneDNN's prepacked GEMM takes ~140-150 (1.1-2x at
+8-256 rows, the most at the smallest; figures in benchmarks/RESULTS.md). Each
+output is one FMA chain over k in order, so a row's result does not depend on
+its batch. (Not used on AVX-512 CPUs, where oneDNN runs 16-wide FMAs.)
 `ROLLSERVE_CPU_GEMM=onednn` selects oneDNN instead.
 
 Elsewhere, oneDNN's GEMM on a weight reordered once into its blocked layout
@@ -155,7 +156,10 @@ class CpuGemm(TorchFunctionMode):
             n = sum(t.shape[0] for t in weights)
             if b is not None and not b.is_contiguous():
                 b = b.contiguous()
-            out = self._ext.packed_linear(xc.reshape(-1, xc.shape[-1]), w, n, b).view(*xc.shape[:-1], n)
+            # a half-precision layer's fp32 sums are rounded to its dtype in the kernel's store (what
+            # `.to(x.dtype)` does, without the extra pass over the output)
+            out = self._ext.packed_linear(xc.reshape(-1, xc.shape[-1]), w, n, b, x.dtype)
+            return out.view(*xc.shape[:-1], n)
         elif pack:
             out = torch.ops.mkldnn._linear_pointwise(xc, w, b, "none", [], "")
         else:

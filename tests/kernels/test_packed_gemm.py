@@ -1,6 +1,6 @@
 """The extension's packed fp32 GEMM (`csrc/gemm.cpp`) on its own: every tile and panel shape against a float64
-linear, a row's result independent of its batch, concatenated weights equal to separate ones bit for bit, and
-bad inputs refused by name."""
+linear, half-precision outputs rounded as torch rounds, a row's result independent of its batch, concatenated
+weights equal to separate ones bit for bit, and bad inputs refused by name."""
 
 import pytest
 import torch
@@ -30,6 +30,26 @@ def test_matches_float64(m, n, k):
         assert out.shape == (m, n) and out.dtype == torch.float32
         expected = exact if bias is None else exact + b.double()
         torch.testing.assert_close(out.double(), expected, atol=1e-5 * k ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [16, 21])
+def test_half_outputs_are_the_fp32_result_rounded_as_torch_rounds(dtype, n):
+    """The store rounds once, to nearest even, as `.to(dtype)` of the fp32 result: ties, overflow, NaN, inf."""
+    x, w, b = _data(13, n, 40, seed=6)
+    x[0, 0], x[1, 0], x[2, 0] = float("nan"), float("inf"), 1e30  # rows of NaN, inf, overflow
+    wp = ext.pack_gemm_weight(w)
+    out = ext.packed_linear(x, wp, n, b, dtype)
+    assert out.dtype == dtype and out.shape == (13, n)
+    expected = ext.packed_linear(x, wp, n, b).to(dtype)
+    assert torch.equal(out[~expected.isnan()], expected[~expected.isnan()])
+    assert torch.equal(out.isnan(), expected.isnan())
+    # exact values as outputs (x = 1, K = 1): bf16 ties of both parities, and fp16's largest finite rounding
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 65519.0])
+    w1 = torch.zeros(16, 1)
+    w1[:4, 0] = ties
+    got = ext.packed_linear(torch.ones(1, 1), ext.pack_gemm_weight(w1), 16, None, dtype)[0, :4]
+    assert torch.equal(got, ties.to(dtype))
 
 
 def test_empty_batch():
@@ -75,6 +95,7 @@ def test_non_contiguous_input():
     (lambda x, wp, b: ext.packed_linear(x, wp[0], 24), "wp must come from pack_gemm_weight"),
     (lambda x, wp, b: ext.packed_linear(x, wp, 24, b[:20]), "bias must be a contiguous float32 [24]"),
     (lambda x, wp, b: ext.pack_gemm_weight(wp), "weight must be a 2-D float32"),
+    (lambda x, wp, b: ext.packed_linear(x, wp, 24, None, torch.float64), "out_dtype must be float32, bfloat16 or"),
 ])
 def test_bad_inputs_are_refused(call, message):
     x, w, b = _data(8, 24, 32, seed=5)

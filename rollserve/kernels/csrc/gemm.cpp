@@ -26,9 +26,26 @@ constexpr int64_t NR = 16;  // output columns per panel: two AVX2 vectors
 constexpr int64_t MR = 6;   // rows per register tile: 12 accumulators, 2 B loads and 6 broadcasts per k
 
 #ifdef ROLLSERVE_PACKED_GEMM
-// c[r][0:ncols] = a[r] . b-panel (+ bias) for r < R, prefetching `pf_lines` k-rows of the next panel from `pf`.
-template <int R, bool FULL>
-inline void tile(const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc, int64_t ncols,
+// 8 fp32 results stored as out_t, rounded to nearest even as torch's casts round (c10::BFloat16, c10::Half).
+inline void store8(float* dst, __m256 y) { _mm256_storeu_ps(dst, y); }
+inline void store8(c10::Half* dst, __m256 y) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store8(c10::BFloat16* dst, __m256 y) {
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(nan));  // c10's quiet NaN
+  const __m256i half = _mm256_srli_epi32(r, 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(half, half), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
+// c[r][0:ncols] = a[r] . b-panel (+ bias) for r < R, prefetching `pf_lines` k-rows of the next panel from `pf`;
+// the sums are fp32 and rounded once to out_t.
+template <int R, bool FULL, typename out_t>
+inline void tile(const float* a, int64_t lda, const float* b, int64_t K, out_t* c, int64_t ldc, int64_t ncols,
                  const float* bias, const float* pf, int64_t pf_lines) {
   // every loop over r fully unrolled, so the accumulators stay in registers
   __m256 acc[R][2];
@@ -52,19 +69,19 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t K, float* 
         y0 = _mm256_add_ps(y0, _mm256_loadu_ps(bias));
         y1 = _mm256_add_ps(y1, _mm256_loadu_ps(bias + 8));
       }
-      _mm256_storeu_ps(c + r * ldc, y0);
-      _mm256_storeu_ps(c + r * ldc + 8, y1);
+      store8(c + r * ldc, y0);
+      store8(c + r * ldc + 8, y1);
     } else {
       alignas(32) float t[NR];
       _mm256_store_ps(t, y0);
       _mm256_store_ps(t + 8, y1);
-      for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] = bias ? t[j] + bias[j] : t[j];
+      for (int64_t j = 0; j < ncols; ++j) c[r * ldc + j] = static_cast<out_t>(bias ? t[j] + bias[j] : t[j]);
     }
   }
 }
 
-template <bool FULL>
-inline void tile_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
+template <bool FULL, typename out_t>
+inline void tile_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t K, out_t* c, int64_t ldc,
                       int64_t ncols, const float* bias, const float* pf, int64_t pf_lines) {
   switch (rows) {
     case 6: return tile<6, FULL>(a, lda, b, K, c, ldc, ncols, bias, pf, pf_lines);
@@ -74,6 +91,33 @@ inline void tile_rows(int64_t rows, const float* a, int64_t lda, const float* b,
     case 2: return tile<2, FULL>(a, lda, b, K, c, ldc, ncols, bias, pf, pf_lines);
     default: return tile<1, FULL>(a, lda, b, K, c, ldc, ncols, bias, pf, pf_lines);
   }
+}
+
+template <typename out_t>
+void gemm(const float* a, const float* b, const float* bs, out_t* c, int64_t M, int64_t K, int64_t n, int64_t P) {
+  const int64_t blocks = (M + MR - 1) / MR;  // row tiles of near-equal size (32 rows: 6, 6, 5, 5, 5, 5)
+  const int64_t lines_per_block = (K + blocks - 1) / blocks;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = b + p * K * NR;
+      const float* next = p + 1 < p1 ? panel + K * NR : nullptr;
+      const int64_t ncols = std::min<int64_t>(NR, n - p * NR);
+      const float* pbias = bs ? bs + p * NR : nullptr;
+      int64_t r0 = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t rows = (M - r0 + (blocks - blk) - 1) / (blocks - blk);
+        // the next panel's K rows of 64 bytes are prefetched spread over this panel's row tiles
+        const int64_t first = blk * lines_per_block;
+        const int64_t lines = next ? std::max<int64_t>(0, std::min(lines_per_block, K - first)) : 0;
+        const float* pf = next ? next + first * NR : nullptr;
+        if (ncols == NR)
+          tile_rows<true>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
+        else
+          tile_rows<false>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
+        r0 += rows;
+      }
+    }
+  });
 }
 #endif
 
@@ -107,8 +151,10 @@ torch::Tensor pack_gemm_weight(torch::Tensor w) {
   return out;
 }
 
-// x [M, K] float32, wp from pack_gemm_weight of an [n, K] weight, bias [n] or none -> [M, n].
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::optional<torch::Tensor> bias) {
+// x [M, K] float32, wp from pack_gemm_weight of an [n, K] weight, bias [n] or none -> [M, n] of out_dtype
+// (float32 by default; bfloat16/float16: the fp32 sums rounded once, as `.to(out_dtype)` of the fp32 result).
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::optional<torch::Tensor> bias,
+                            std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(packed_gemm_available(), "packed_linear: this build has no packed GEMM (it needs AVX2 and FMA)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
               "packed_linear: x must be a 2-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
@@ -122,37 +168,22 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::o
                 bias->is_contiguous(), "packed_linear: bias must be a contiguous float32 [", n, "], got ",
                 bias->sizes());
   }
-  auto out = torch::empty({M, n}, x.options());
+  const auto dtype = out_dtype.value_or(torch::kFloat32);
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "packed_linear: out_dtype must be float32, bfloat16 or float16, got ", dtype);
+  auto out = torch::empty({M, n}, x.options().dtype(dtype));
 #ifdef ROLLSERVE_PACKED_GEMM
   if (M == 0 || n == 0) return out;
   auto xc = x.contiguous();
   const float* a = xc.data_ptr<float>();
   const float* b = wp.data_ptr<float>();
   const float* bs = bias ? bias->data_ptr<float>() : nullptr;
-  float* c = out.data_ptr<float>();
-  const int64_t blocks = (M + MR - 1) / MR;  // row tiles of near-equal size (32 rows: 6, 6, 5, 5, 5, 5)
-  const int64_t lines_per_block = (K + blocks - 1) / blocks;
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* panel = b + p * K * NR;
-      const float* next = p + 1 < p1 ? panel + K * NR : nullptr;
-      const int64_t ncols = std::min<int64_t>(NR, n - p * NR);
-      const float* pbias = bs ? bs + p * NR : nullptr;
-      int64_t r0 = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t rows = (M - r0 + (blocks - blk) - 1) / (blocks - blk);
-        // the next panel's K rows of 64 bytes are prefetched spread over this panel's row tiles
-        const int64_t first = blk * lines_per_block;
-        const int64_t lines = next ? std::max<int64_t>(0, std::min(lines_per_block, K - first)) : 0;
-        const float* pf = next ? next + first * NR : nullptr;
-        if (ncols == NR)
-          tile_rows<true>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
-        else
-          tile_rows<false>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
-        r0 += rows;
-      }
-    }
-  });
+  if (dtype == torch::kBFloat16)
+    gemm(a, b, bs, out.data_ptr<c10::BFloat16>(), M, K, n, P);
+  else if (dtype == torch::kHalf)
+    gemm(a, b, bs, out.data_ptr<c10::Half>(), M, K, n, P);
+  else
+    gemm(a, b, bs, out.data_ptr<float>(), M, K, n, P);
 #endif
   return out;
 }

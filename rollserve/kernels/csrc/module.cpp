@@ -11,7 +11,8 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, std::opti
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 bool packed_gemm_available();
 torch::Tensor pack_gemm_weight(torch::Tensor w);
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::optional<torch::Tensor> bias);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::optional<torch::Tensor> bias,
+                            std::optional<at::ScalarType> out_dtype);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention, in place over block tables");
@@ -21,5 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_gemm_available", &packed_gemm_available, "whether this build has the AVX2 packed fp32 GEMM");
   m.def("pack_gemm_weight", &pack_gemm_weight, "an [N, K] float32 weight as [ceil(N/16), K, 16] panels");
   m.def("packed_linear", &packed_linear, "x @ w^T (+ bias) on a weight from pack_gemm_weight",
-        py::arg("x"), py::arg("wp"), py::arg("n"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("wp"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out_dtype") = py::none());
 }
