@@ -1,14 +1,15 @@
 // fp32 linear layers on AVX2/FMA CPUs: y = x @ w^T (+ bias) on a weight packed once into panels of 16 output
-// columns ([ceil(N/16)][K][16], zero padded). The two threads of a 2-core machine each take a contiguous range of
-// panels; within a panel every block of up to 6 rows is one register tile (6 x 16 fp32 accumulators) over the
-// whole K, and the thread's next panel is prefetched into L2 while this one is computed, so the weights stream
+// columns ([ceil(N/16)][K][16], zero padded). Each of torch's threads takes a contiguous range of panels;
+// within a panel every block of up to 6 rows is one register tile (6 x 16 fp32 accumulators) over the whole
+// K, and the thread's next panel is prefetched into L2 while this one is computed, so the weights stream
 // from DRAM under the arithmetic. Measured on the AVX2 EPYC (benchmarks/RESULTS.md): ~150 GFLOP/s at 32-64
 // rows on the model's shapes where oneDNN's prepacked GEMM, which does not overlap the weight stream, reaches
 // ~100-120.
 //
 // Each output element is one fp32 FMA chain over k = 0..K-1 in order, so a row's result does not depend on
 // the batch it is in, its position in it, or which panels are concatenated (fused q/k/v and gate/up equal the
-// separate projections bit for bit).
+// separate projections bit for bit). A bf16/fp16 layer (run in fp32 on CPUs without half-precision matrix
+// units) gets its fp32 sums rounded to its dtype in the store, as `.to(dtype)` would round them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
