@@ -72,8 +72,11 @@ def attention_ops(backend: str) -> AttentionOps:
                             triton_prefill_attention.paged_prefill_attention)
     from . import cpu_ext, decode_attention, kv_write, prefill_attention
 
-    decode = cpu_ext.decode_or_reference if backend == "cpu" else decode_attention.paged_decode_attention
-    return AttentionOps(kv_write.write_kv, decode, prefill_attention.paged_prefill_attention)
+    if backend == "cpu":
+        return AttentionOps(cpu_ext.write_kv_or_reference, cpu_ext.decode_or_reference,
+                            prefill_attention.paged_prefill_attention)
+    return AttentionOps(kv_write.write_kv, decode_attention.paged_decode_attention,
+                        prefill_attention.paged_prefill_attention)
 
 
 def choose_sampling_backend(requested: str, device: torch.device | str) -> str:

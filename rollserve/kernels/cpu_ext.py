@@ -14,6 +14,8 @@ loaded only if that build is there (a stale build is rebuilt), and
   to three query heads per pass, and the next block is prefetched into L2 while
   this one is scored: at long contexts the kernel then reads K/V at about the
   machine's memory bandwidth (benchmarks/RESULTS.md).
+- `write_kv`: `kv_write.write_kv` as one pass of row copies (the reference's two `index_copy_` calls cost
+  ~45 us each at decode batch sizes, for a copy of a few microseconds).
 - `add_rms_norm`, `rope`: a decoder layer's residual add + RMSNorm and rotary embedding in one pass each,
   bit-equal to HF's modules (csrc/layer_ops.cpp); the lean forward (`engine/lean_forward.py`) uses them.
 - `pack_gemm_weight`, `packed_linear`: the fp32 linear layers' GEMM on AVX2/FMA CPUs without AVX-512
@@ -29,7 +31,7 @@ import torch
 
 NAME = "rollserve_cpu_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("module.cpp", "paged_decode.cpp", "layer_ops.cpp", "gemm.cpp")]
+           for name in ("module.cpp", "paged_decode.cpp", "kv_write.cpp", "layer_ops.cpp", "gemm.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -100,6 +102,18 @@ def decode_or_reference(query, k_cache, v_cache, block_tables, context_lens, sca
 
     decode = paged_decode_attention_ext if supports_decode(query, k_cache) else paged_decode_attention
     return decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap)
+
+
+def write_kv_or_reference(k_cache, v_cache, key, value, slot_mapping):
+    """`kv_write.write_kv` through the extension where it applies (CPU tensors, contiguous caches), the torch
+    reference otherwise. key/value are rounded to the cache's dtype first, as the reference does."""
+    ext = extension()
+    if (ext is None or key.device.type != "cpu" or k_cache.dtype not in DTYPES or not k_cache.is_contiguous()
+            or not v_cache.is_contiguous() or slot_mapping.dtype != torch.long):
+        from .kv_write import write_kv
+
+        return write_kv(k_cache, v_cache, key, value, slot_mapping)
+    ext.write_kv(k_cache, v_cache, key.to(k_cache.dtype), value.to(v_cache.dtype), slot_mapping)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,56 @@ def test_decode_attention_reads_a_strided_query_and_the_engine_cache_layout():
                                atol=2e-6, rtol=2e-6)
 
 
+def _kv_write_case(cache_dtype, key_dtype, num_tokens, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(7, 16, 3, 64, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(7, 16, 3, 64, generator=gen).to(cache_dtype)
+    slots = torch.randperm(7 * 16, generator=gen)[:num_tokens]
+    # key and value as the engine has them: views into one fused projection's output
+    qkv = (torch.randn(num_tokens, 9 * 64 + 2 * 3 * 64, generator=gen) * 300).to(key_dtype)
+    key = qkv[:, 9 * 64:12 * 64].view(num_tokens, 3, 64)
+    value = qkv[:, 12 * 64:].view(num_tokens, 3, 64)
+    return k_cache, v_cache, key, value, slots
+
+
+@pytest.mark.parametrize("cache_dtype, key_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                                    (torch.float16, torch.float32)])
+@pytest.mark.parametrize("num_tokens", [0, 1, 64, 112])
+def test_write_kv_is_bit_equal_to_the_reference(cache_dtype, key_dtype, num_tokens):
+    """Every slot's K/V as the reference's index_copy_ leaves it (rounded to a 16-bit cache as `.to` rounds,
+    x300 so float16 overflows to inf), every other slot untouched; strided key/value views."""
+    from rollserve.kernels.kv_write import write_kv
+
+    k_cache, v_cache, key, value, slots = _kv_write_case(cache_dtype, key_dtype, num_tokens, seed=num_tokens)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    write_kv(want_k, want_v, key, value, slots)
+    cpu_ext.write_kv_or_reference(k_cache, v_cache, key, value, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_write_kv_refuses_bad_input_and_writes_nothing():
+    ext = cpu_ext.extension()
+    k_cache, v_cache, key, value, slots = _kv_write_case(torch.float32, torch.float32, 5, seed=3)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    bad = slots.clone()
+    bad[3] = 7 * 16  # one past the last slot: the slots before it must not have been written either
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[3\] = 112 is outside the cache's 112 slots"):
+        ext.write_kv(k_cache, v_cache, key, value, bad)
+    bad[3] = -1
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[3\] = -1"):
+        ext.write_kv(k_cache, v_cache, key, value, bad)
+    with pytest.raises(RuntimeError, match="slot_mapping must be int64"):
+        ext.write_kv(k_cache, v_cache, key, value, slots.int())
+    with pytest.raises(RuntimeError, match="key and value must be"):
+        ext.write_kv(k_cache, v_cache, key[:, :2], value[:, :2], slots)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.write_kv(k_cache, v_cache, key.double(), value.double(), slots)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ext.write_kv(k_cache.transpose(1, 2), v_cache.transpose(1, 2), key, value, slots)
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("width", [7, 15, 64, 100, 576, 2048, 5120])
 def test_add_rms_norm_is_bit_equal_to_the_hf_module(width, dtype):
