@@ -146,10 +146,11 @@ class EngineConfig:
         _choice("auto", "torch", "triton"))
     sampling_backend: str = _arg(
         "auto", "sampling of plain batches (no penalties, filters or top logprobs: the RL rollout case): 'auto' "
-                "(the fused Triton kernel when the model is on a CUDA device and triton is installed, else torch), "
-                "'torch' or 'triton'. The fused kernel's logprob is z[tok] - logsumexp(z) within ~1e-6 of the "
-                "trainer's log_softmax, as the torch plain path is; other batches always take the torch path",
-        _choice("auto", "torch", "triton"))
+                "(the fused Triton kernel when the model is on a CUDA device and triton is installed; on the CPU "
+                "the C++ one where `make install` built it; else torch), 'torch', 'triton' or 'cpu'. The fused "
+                "kernels' logprob is z[tok] - logsumexp(z) within ~1e-6 of the trainer's log_softmax, as the torch "
+                "plain path is; other batches always take the torch path",
+        _choice("auto", "torch", "triton", "cpu"))
     cuda_graphs: bool | None = _arg(
         None, "replay decode steps as CUDA graphs captured per padded batch size (fewer kernel launches; "
               "prefill steps run eagerly): None/auto = on when the model is on a CUDA device and the Triton "

@@ -80,16 +80,27 @@ def attention_ops(backend: str) -> AttentionOps:
 
 
 def choose_sampling_backend(requested: str, device: torch.device | str) -> str:
-    """"torch" or "triton" for `EngineConfig.sampling_backend=requested` with the logits on `device`.
+    """"torch", "triton" or "cpu" for `EngineConfig.sampling_backend=requested` with the logits on `device`.
 
-    `auto` takes the fused Triton kernel on a CUDA device with triton installed. A forced "triton" that
-    cannot run raises ValueError saying why (on the CPU it runs only under `TRITON_INTERPRET=1`).
+    `auto` takes the fused Triton kernel on a CUDA device with triton installed, the C++ one (`cpu_ext.sample`)
+    on the CPU where the extension is built, else torch. A forced "triton" or "cpu" that cannot run raises
+    ValueError saying why (on the CPU Triton runs only under `TRITON_INTERPRET=1`).
     """
     device = torch.device(device)
+    from . import cpu_ext
+
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+        if device.type == "cuda" and triton_installed():
+            return "triton"
+        return "cpu" if device.type == "cpu" and cpu_ext.extension() is not None else "torch"
     if requested == "triton":
         _check_triton_runs("sampling_backend", device)
+    if requested == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"sampling_backend='cpu' needs the model on the CPU (it is on {device})")
+        if cpu_ext.extension() is None:
+            raise ValueError("sampling_backend='cpu' needs the C++ CPU extension: make install "
+                             "(python -m rollserve.kernels.cpu_ext), and ROLLSERVE_CPU_KERNELS not 0")
     return requested
 
 
@@ -103,9 +114,13 @@ def _check_triton_runs(field: str, device: torch.device) -> None:
 
 
 def sampling_kernel(backend: str) -> Callable | None:
-    """The fused `sample` of `kernels.sampling`'s contract for the "triton" backend; None for "torch"."""
+    """The fused `sample` of `kernels.sampling`'s contract for the "triton" and "cpu" backends; None for "torch"."""
     if backend == "triton":
         from . import triton_sampling
 
         return triton_sampling.sample
+    if backend == "cpu":
+        from . import cpu_ext
+
+        return cpu_ext.sample
     return None

@@ -16,6 +16,8 @@ loaded only if that build is there (a stale build is rebuilt), and
   machine's memory bandwidth (benchmarks/RESULTS.md).
 - `write_kv`: `kv_write.write_kv` as one pass of row copies (the reference's two `index_copy_` calls cost
   ~45 us each at decode batch sizes, for a copy of a few microseconds).
+- `sample`: the sampler's plain path (`engine.sampler.Sampler._plain`: no filters, penalties or top
+  logprobs) in one pass per row, the `kernels.sampling.sample` contract with the filters off (csrc/sampling.cpp).
 - `add_rms_norm`, `rope`: a decoder layer's residual add + RMSNorm and rotary embedding in one pass each,
   bit-equal to HF's modules (csrc/layer_ops.cpp); the lean forward (`engine/lean_forward.py`) uses them.
 - `pack_gemm_weight`, `packed_linear`: the fp32 linear layers' GEMM on AVX2/FMA CPUs without AVX-512
@@ -31,7 +33,7 @@ import torch
 
 NAME = "rollserve_cpu_kernels"
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("module.cpp", "paged_decode.cpp", "kv_write.cpp", "layer_ops.cpp", "gemm.cpp")]
+           for name in ("module.cpp", "paged_decode.cpp", "kv_write.cpp", "layer_ops.cpp", "gemm.cpp", "sampling.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -102,6 +104,14 @@ def decode_or_reference(query, k_cache, v_cache, block_tables, context_lens, sca
 
     decode = paged_decode_attention_ext if supports_decode(query, k_cache) else paged_decode_attention
     return decode(query, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap)
+
+
+def sample(logits, temperature, greedy, top_k, top_p, min_p, uniforms):
+    """`kernels.sampling.sample` for rows without filters (what `Sampler._fused_plain` passes): token ids and
+    their policy logprobs. Raises ValueError for a row with a filter on."""
+    if bool((top_k != 0).any()) or bool((top_p != 1).any()) or bool((min_p != 0).any()):
+        raise ValueError("the CPU sampling kernel takes rows without top_k/top_p/min_p only")
+    return extension().sample_plain(logits.float(), temperature.float(), greedy, uniforms.float())
 
 
 def write_kv_or_reference(k_cache, v_cache, key, value, slot_mapping):

@@ -151,6 +151,100 @@ def test_write_kv_refuses_bad_input_and_writes_nothing():
     assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
 
 
+def _torch_plain(logits, temperature, greedy, uniforms):
+    """The engine's torch plain path (`Sampler._plain`) on these rows."""
+    from types import SimpleNamespace
+
+    from rollserve.engine.sampler import Sampler
+
+    t1 = bool((temperature == 1).all())
+    batch = SimpleNamespace(temperature=temperature, greedy=greedy, chunk_all_t1=lambda e: t1,
+                            chunk_greedy=lambda e: (bool(greedy[e].any()), bool(greedy[e].all())))
+    out = Sampler._plain(logits, batch, uniforms)
+    return out.token_ids, out.logprobs
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 300, 49152])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_sample_draws_the_torch_paths_tokens(vocab, temperature):
+    """Same uniforms, same tokens as the engine's torch plain path; the logprob within 2e-5 of the trainer's
+    log_softmax(logits / T); greedy rows the first maximal logit (a tie planted in row 1)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 40
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    logits[1, vocab // 2] = logits[1, vocab - 1] = logits[1].max() + 1
+    temps = torch.full((rows,), temperature)
+    greedy = torch.zeros(rows, dtype=torch.bool)
+    greedy[:3] = True
+    temps[greedy] = 1.0
+    u = torch.rand(rows, generator=gen)
+    u[3], u[4] = 0.0, 1.0 - 2 ** -24
+    off = torch.zeros(rows, dtype=torch.int32)
+    tokens, logprobs = cpu_ext.sample(logits, temps, greedy, off, torch.ones(rows), torch.zeros(rows), u)
+    want_tokens, want_logprobs = _torch_plain(logits, temps, greedy, u)
+    assert torch.equal(tokens, want_tokens)
+    assert int(tokens[1]) == vocab // 2
+    policy = torch.log_softmax(logits / temps[:, None], dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, policy, atol=2e-5, rtol=0)
+    torch.testing.assert_close(logprobs, want_logprobs, atol=2e-5, rtol=0)
+
+
+def test_sample_never_draws_a_token_of_zero_weight():
+    """Tokens whose weight is 0 (masked to -inf, or underflowing) are never drawn: u = 0 gives the first token
+    with weight, u just below 1 the last, whatever blocks lie around them."""
+    vocab = 1000
+    logits = torch.full((3, vocab), float("-inf"))
+    logits[:, 130] = 0.0
+    logits[:, 131] = -200.0  # exp underflows to 0
+    logits[:, 700] = 1.0
+    u = torch.tensor([0.0, 1.0 - 2 ** -24, 0.5])
+    ones, off = torch.ones(3), torch.zeros(3, dtype=torch.int32)
+    tokens, logprobs = cpu_ext.sample(logits, ones, torch.zeros(3, dtype=torch.bool), off, ones, torch.zeros(3), u)
+    assert tokens.tolist() == [130, 700, 700]
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[[0, 1, 2], tokens], atol=1e-6, rtol=0)
+
+
+def test_sample_refuses_bad_input():
+    ext = cpu_ext.extension()
+    logits, t, g, u = torch.randn(2, 10), torch.ones(2), torch.zeros(2, dtype=torch.bool), torch.rand(2)
+    with pytest.raises(RuntimeError, match=r"temperature\[1\] = 0 \(must be finite and > 0\)"):
+        ext.sample_plain(logits, torch.tensor([1.0, 0.0]), g, u)
+    with pytest.raises(RuntimeError, match="logits must be float32"):
+        ext.sample_plain(logits.double(), t, g, u)
+    with pytest.raises(RuntimeError, match="greedy must be bool"):
+        ext.sample_plain(logits, t, g.int(), u)
+    with pytest.raises(RuntimeError, match="uniforms must be float32"):
+        ext.sample_plain(logits, t, g, u[:1])
+    with pytest.raises(ValueError, match="without top_k/top_p/min_p"):
+        cpu_ext.sample(logits, t, g, torch.tensor([0, 5]), torch.ones(2), torch.zeros(2), u)
+
+
+def test_the_engine_samples_on_the_cpu_kernel_as_on_its_torch_path(tiny_model, monkeypatch):
+    """sampling_backend="cpu" (auto's choice on the CPU): the same tokens as "torch" for seeded and unseeded,
+    greedy and sampled rows of plain batches, logprobs within 2e-5; the kernel ran on every plain step."""
+    from rollserve import LLM, SamplingParams
+
+    prompts = [[5, 9, 2], list(range(40, 60)), [7, 7, 7, 7]]
+    params = [SamplingParams(temperature=1.0, max_tokens=6, seed=3, n=2, logprobs=0),
+              SamplingParams(temperature=0.7, max_tokens=6, logprobs=0),
+              SamplingParams(temperature=0, max_tokens=6, logprobs=0)]
+
+    def generate(backend):
+        llm = LLM(tiny_model("llama"), kv_cache_memory="1MiB", block_size=16, seed=11, sampling_backend=backend)
+        return [[(c.token_ids, c.logprobs) for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    want = generate("torch")
+    calls = []
+    kernel = cpu_ext.sample
+    monkeypatch.setattr(cpu_ext, "sample", lambda logits, *a: calls.append(len(logits)) or kernel(logits, *a))
+    got = generate("auto")
+    assert calls and sum(calls) == 4 * 6
+    for w, g in zip(want, got):
+        for (w_ids, w_lps), (g_ids, g_lps) in zip(w, g):
+            assert g_ids == w_ids
+            torch.testing.assert_close(torch.tensor(g_lps), torch.tensor(w_lps), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("width", [7, 15, 64, 100, 576, 2048, 5120])
 def test_add_rms_norm_is_bit_equal_to_the_hf_module(width, dtype):

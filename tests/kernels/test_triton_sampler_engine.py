@@ -11,7 +11,7 @@ import torch
 from triton_setup import DEVICE
 
 from rollserve import LLM, SamplingParams  # noqa: E402
-from rollserve.kernels import backend, triton_sampling  # noqa: E402
+from rollserve.kernels import backend, cpu_ext, triton_sampling  # noqa: E402
 from rollserve.kernels.backend import choose_sampling_backend  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -64,7 +64,15 @@ def test_the_sampling_backend_choice(monkeypatch):
     monkeypatch.setattr(backend, "triton_installed", lambda: True)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert choose_sampling_backend("auto", "cuda:0") == "triton"
+    monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     assert choose_sampling_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="sampling_backend='cpu' needs the C\\+\\+ CPU extension"):
+        choose_sampling_backend("cpu", "cpu")
+    monkeypatch.setattr(cpu_ext, "extension", lambda: object())
+    assert choose_sampling_backend("auto", "cpu") == "cpu"
+    assert choose_sampling_backend("auto", "cuda:0") == "triton"
+    with pytest.raises(ValueError, match="sampling_backend='cpu' needs the model on the CPU"):
+        choose_sampling_backend("cpu", "cuda")
     assert choose_sampling_backend("torch", "cuda") == "torch"
     with pytest.raises(ValueError, match="sampling_backend='triton' needs the model on a CUDA device"):
         choose_sampling_backend("triton", "cpu")

@@ -1,4 +1,5 @@
-// The extension's Python module: the kernels of paged_decode.cpp, kv_write.cpp, layer_ops.cpp and gemm.cpp.
+// The extension's Python module: the kernels of paged_decode.cpp, kv_write.cpp, layer_ops.cpp, gemm.cpp and
+// sampling.cpp.
 #include <torch/extension.h>
 
 #include <optional>
@@ -8,6 +9,8 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
                                      int64_t window, double softcap);
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor key, torch::Tensor value,
               torch::Tensor slot_mapping);
+std::tuple<torch::Tensor, torch::Tensor> sample_plain(torch::Tensor logits, torch::Tensor temperature,
+                                                      torch::Tensor greedy, torch::Tensor uniforms);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual,
                                                       torch::Tensor weight, double eps, int64_t lanes);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
@@ -19,6 +22,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor wp, int64_t n, std::o
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention, in place over block tables");
   m.def("write_kv", &write_kv, "new tokens' K/V rows into the paged cache at their slots");
+  m.def("sample_plain", &sample_plain, "the sampler's plain path: one draw and its policy logprob per row");
   m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm, bit-equal to HF's LlamaRMSNorm",
         py::arg("x"), py::arg("residual") = py::none(), py::arg("weight"), py::arg("eps"), py::arg("lanes"));
   m.def("rope", &rope, "rotary embedding of one [T, H, D] tensor (HF apply_rotary_pos_emb's roundings)");
