@@ -1,10 +1,10 @@
 // fp32 linear layers on AVX2/FMA CPUs: y = x @ w^T (+ bias) on a weight packed once into panels of 16 output
-// columns ([ceil(N/16)][K][16], zero padded). Each of torch's threads takes a contiguous range of panels;
-// within a panel every block of up to 6 rows is one register tile (6 x 16 fp32 accumulators) over the whole
-// K, and the thread's next panel is prefetched into L2 while this one is computed, so the weights stream
-// from DRAM under the arithmetic. Measured on the AVX2 EPYC (benchmarks/RESULTS.md): ~150 GFLOP/s at 32-64
-// rows on the model's shapes where oneDNN's prepacked GEMM, which does not overlap the weight stream, reaches
-// ~100-120.
+// columns ([ceil(N/16)][K][16], zero padded). torch's threads take chunks of consecutive panels as they come
+// free; within a panel every block of up to 6 rows is one register tile (6 x 16 fp32 accumulators) over the
+// whole K, and the thread's next panel (the next of its chunk, or the first of the chunk it reserved) is
+// prefetched into L2 while this one is computed, so the weights stream from DRAM under the arithmetic.
+// Measured on the AVX2 EPYC (benchmarks/RESULTS.md): ~150 GFLOP/s at 32-64 rows on the model's shapes where
+// oneDNN's prepacked GEMM, which does not overlap the weight stream, reaches ~100-120.
 //
 // Each output element is one fp32 FMA chain over k = 0..K-1 in order, so a row's result does not depend on
 // the batch it is in, its position in it, or which panels are concatenated (fused q/k/v and gate/up equal the
@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
@@ -98,27 +99,47 @@ template <typename out_t>
 void gemm(const float* a, const float* b, const float* bs, out_t* c, int64_t M, int64_t K, int64_t n, int64_t P) {
   const int64_t blocks = (M + MR - 1) / MR;  // row tiles of near-equal size (32 rows: 6, 6, 5, 5, 5, 5)
   const int64_t lines_per_block = (K + blocks - 1) / blocks;
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* panel = b + p * K * NR;
-      const float* next = p + 1 < p1 ? panel + K * NR : nullptr;
-      const int64_t ncols = std::min<int64_t>(NR, n - p * NR);
-      const float* pbias = bs ? bs + p * NR : nullptr;
-      int64_t r0 = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t rows = (M - r0 + (blocks - blk) - 1) / (blocks - blk);
-        // the next panel's K rows of 64 bytes are prefetched spread over this panel's row tiles
-        const int64_t first = blk * lines_per_block;
-        const int64_t lines = next ? std::max<int64_t>(0, std::min(lines_per_block, K - first)) : 0;
-        const float* pf = next ? next + first * NR : nullptr;
-        if (ncols == NR)
-          tile_rows<true>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
-        else
-          tile_rows<false>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
-        r0 += rows;
+  // Chunks of panels go to whichever thread asks first, ~4 chunks per thread: a thread that woke up late, or
+  // whose core a neighbour on the host is sharing, takes fewer. With one fixed range per thread
+  // (at::parallel_for) a GEMM lasted as long as its slowest thread: on the 2-vCPU EPYC the main thread spent
+  // ~7 % of a long-context decode step waiting at the end of parallel regions, and the model's GEMMs took
+  // 141-148 ms per step against 119-131 with chunks (same runs). A thread reserves its next chunk as it starts
+  // the last panel of this one, so that the next panel it computes is always the one it prefetches.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), P);
+  const int64_t chunk = std::max<int64_t>(1, P / (4 * std::max<int64_t>(1, threads)));
+  std::atomic<int64_t> claimed{0};
+  auto work = [&](int64_t, int64_t) {
+    for (int64_t first_panel = claimed.fetch_add(chunk); first_panel < P;) {
+      const int64_t chunk_end = std::min(P, first_panel + chunk);
+      int64_t following = P;  // the chunk after this one, once reserved
+      for (int64_t p = first_panel; p < chunk_end; ++p) {
+        int64_t np = p + 1;
+        if (np == chunk_end) np = following = claimed.fetch_add(chunk);
+        const float* panel = b + p * K * NR;
+        const float* next = np < P ? b + np * K * NR : nullptr;
+        const int64_t ncols = std::min<int64_t>(NR, n - p * NR);
+        const float* pbias = bs ? bs + p * NR : nullptr;
+        int64_t r0 = 0;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t rows = (M - r0 + (blocks - blk) - 1) / (blocks - blk);
+          // the next panel's K rows of 64 bytes are prefetched spread over this panel's row tiles
+          const int64_t first = blk * lines_per_block;
+          const int64_t lines = next ? std::max<int64_t>(0, std::min(lines_per_block, K - first)) : 0;
+          const float* pf = next ? next + first * NR : nullptr;
+          if (ncols == NR)
+            tile_rows<true>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
+          else
+            tile_rows<false>(rows, a + r0 * K, K, panel, K, c + r0 * n + p * NR, n, ncols, pbias, pf, lines);
+          r0 += rows;
+        }
       }
+      first_panel = following;
     }
-  });
+  };
+  if (threads <= 1 || at::in_parallel_region())
+    work(0, 1);
+  else
+    at::parallel_for(0, threads, 1, work);
 }
 #endif
 
