@@ -17,8 +17,9 @@ token's logprob is `z[tok] - logsumexp(z)` from the same exp pass the draw
 uses, within float rounding of the trainer's `log_softmax`; otherwise the
 full [rows, vocab] `log_softmax` is the trainer's op, bit for bit.
 
-On a GPU, plain batches may instead take one fused kernel (`kernels/triton_sampling.py`, chosen by
-`EngineConfig.sampling_backend`): the same draw for the same uniforms, the logprob within ~1e-6.
+Plain batches may instead take one fused kernel (chosen by `EngineConfig.sampling_backend`): Triton on a
+GPU (`kernels/triton_sampling.py`), the C++ extension's on the CPU (`kernels/csrc/sampling.cpp`): the same
+draw for the same uniforms except within float rounding of a CDF step, the logprob within ~1e-6.
 
 Sampling inverts each row's CDF with one uniform number (drawn from the row's
 own generator when the request is seeded), so a seeded row's draw does not

@@ -1,11 +1,11 @@
 """Which implementation of the attention ops (and of the plain sampling step) the engine runs.
 
 Attention: the torch references, the CPU extension or Triton. Sampling: the torch sampler or, for plain
-batches on a GPU, the fused Triton kernel (`choose_sampling_backend`).
+batches, a fused kernel: Triton on a GPU, the CPU extension's on the CPU (`choose_sampling_backend`).
 
 `auto` takes Triton when the model is on a CUDA device, triton is installed and the block size suits the
-kernels; on the CPU it takes "cpu" where the C++ extension is built (`cpu_ext`: its decode attention, the
-references for the rest, and the reference decode for what the extension does not cover, e.g. float64);
+kernels; on the CPU it takes "cpu" where the C++ extension is built (`cpu_ext`: its KV write and decode
+attention, the references for the rest, and the reference decode for what the extension does not cover, e.g. float64);
 otherwise the torch references. The Triton modules are imported only once chosen, so a CPU machine
 imports nothing of them.
 """

@@ -11,9 +11,10 @@ loaded only if that build is there (a stale build is rebuilt), and
   pass per sequence over its blocks, fp32 accumulation; float32, bfloat16 and
   float16 on the CPU. For head_dim a multiple of 32 (AVX2/FMA builds) a block's
   scores are computed eight tokens at a time and its values accumulated for up
-  to three query heads per pass, and the next block is prefetched into L2 while
-  this one is scored: at long contexts the kernel then reads K/V at about the
-  machine's memory bandwidth (benchmarks/RESULTS.md).
+  to three query heads per pass; the next block's K/V is prefetched into L2 one
+  line per row slice the score and value loops read (a burst of prefetches stalls
+  on the core's few outstanding-miss slots). At long contexts it reads K/V at
+  ~70 % of a plain read of the same blocks (benchmarks/RESULTS.md).
 - `write_kv`: `kv_write.write_kv` as one pass of row copies (the reference's two `index_copy_` calls cost
   ~45 us each at decode batch sizes, for a copy of a few microseconds).
 - `sample`: the sampler's plain path (`engine.sampler.Sampler._plain`: no filters, penalties or top
@@ -22,7 +23,8 @@ loaded only if that build is there (a stale build is rebuilt), and
   bit-equal to HF's modules (csrc/layer_ops.cpp); the lean forward (`engine/lean_forward.py`) uses them.
 - `pack_gemm_weight`, `packed_linear`: the fp32 linear layers' GEMM on AVX2/FMA CPUs without AVX-512
   (csrc/gemm.cpp; `cpu_gemm.CpuGemm` uses it): weights in panels of 16 columns, streamed from DRAM under
-  the arithmetic, 1.1-2x oneDNN's prepacked GEMM at 8-256 rows (the most at the smallest).
+  the arithmetic, 1.1-2x oneDNN's prepacked GEMM at 8-256 rows (the most at the smallest); chunks of panels
+  go to whichever thread is free.
 """
 
 import os
