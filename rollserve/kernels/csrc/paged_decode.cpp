@@ -74,29 +74,6 @@ inline void accumulate(float* acc, const float* p, const float* const* rows, int
 }
 
 
-// x[0:n] = exp(x - shift); returns their sum.
-inline float exp_shifted(float* x, int64_t n, float shift) {
-  float sum = 0.0f;
-  int64_t t = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 sh = _mm256_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
-  for (; t + 8 <= n; t += 8) {
-    const __m256 y = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + t), sh));
-    _mm256_storeu_ps(x + t, y);
-    acc = _mm256_add_ps(acc, y);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (float v : lanes) sum += v;
-#endif
-  for (; t < n; ++t) {
-    x[t] = std::exp(x[t] - shift);
-    sum += x[t];
-  }
-  return sum;
-}
-
 // Before a sequence: its queries as float in qf [H, D] (times `scale`, except under a softcap, which takes the
 // scale inside the cap), and the online softmax emptied: running max m = -inf, sum l = 0, acc [H, D] = 0.
 template <typename scalar_t>
@@ -120,7 +97,7 @@ inline void softmax_block(float* sh, int64_t n, float scale, float softcap, floa
   const float corr = std::exp(m - best);  // exp(-inf) = 0 on the first block
   if (corr != 1.0f)
     for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
-  l = l * corr + exp_shifted(sh, n, best);
+  l = l * corr + exp_sum(sh, sh, n, best, 1.0f);
   m = best;
 }
 

@@ -17,29 +17,6 @@ namespace {
 
 constexpr int64_t CDF_BLOCK = 128;  // engine/sampler.py's
 
-// w[0:n] = exp((x[0:n] - mx) * inv_t); returns their sum (any order: it is a block's sum).
-inline float weights(const float* x, float* w, int64_t n, float mx, float inv_t) {
-  int64_t i = 0;
-  float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 m = _mm256_set1_ps(mx), it = _mm256_set1_ps(inv_t);
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) {
-    const __m256 y = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), it));
-    _mm256_storeu_ps(w + i, y);
-    acc = _mm256_add_ps(acc, y);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (float v : lanes) sum += v;
-#endif
-  for (; i < n; ++i) {
-    w[i] = std::exp((x[i] - mx) * inv_t);
-    sum += w[i];
-  }
-  return sum;
-}
-
 }  // namespace
 
 // logits: [rows, vocab] float32 (unit last stride); temperature: [rows] float32 > 0; greedy: [rows] bool;
@@ -91,7 +68,7 @@ std::tuple<torch::Tensor, torch::Tensor> sample_plain(torch::Tensor logits, torc
       float total = 0.0f;
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t b0 = b * CDF_BLOCK;
-        sums[b] = weights(row + b0, w.data() + b0, std::min(CDF_BLOCK, V - b0), mx, inv_t);
+        sums[b] = exp_sum(row + b0, w.data() + b0, std::min(CDF_BLOCK, V - b0), mx, inv_t);
         total += sums[b];
       }
       int64_t pick = 0;

@@ -1,5 +1,8 @@
-// Vector math shared by the CPU kernels (AVX2 + FMA builds).
+// Vector math shared by the CPU kernels: exp8 in AVX2 + FMA builds, exp_sum in all.
 #pragma once
+
+#include <cmath>
+#include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -26,3 +29,27 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 #endif
+
+// out[0:n] = exp((x[0:n] - shift) * scale) (out may be x); returns their sum, 8-lane partial sums first.
+// With scale 1 the product is exact: exp(x - shift).
+inline float exp_sum(const float* x, float* out, int64_t n, float shift, float scale) {
+  float sum = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 y = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh), sc));
+    _mm256_storeu_ps(out + i, y);
+    acc = _mm256_add_ps(acc, y);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) sum += v;
+#endif
+  for (; i < n; ++i) {
+    out[i] = std::exp((x[i] - shift) * scale);
+    sum += out[i];
+  }
+  return sum;
+}
